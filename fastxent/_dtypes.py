@@ -1,0 +1,44 @@
+"""The dtype rules of DESIGN.md, written once.
+
+* Scores: float16, bfloat16, float32, float64.
+* Loss (and logsumexp, score's float fields): float32 for 16-bit scores, else
+  the scores' dtype.
+* Gradients, log_softmax, softmax, hvp: the first argument's dtype.
+* Accumulation: float32, float64 for float64 scores.
+"""
+
+import numpy as np
+
+SCORE_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def is_bfloat16(dtype):
+    """True for ``ml_dtypes.bfloat16`` (checked by name: importing ml_dtypes is not needed)."""
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def is_score_dtype(dtype):
+    """True for the floating dtypes fastxent computes on."""
+    return np.dtype(dtype).name in SCORE_DTYPE_NAMES
+
+
+def is_real_float(dtype):
+    """Floating point, bfloat16 included; not complex, not integer, not bool."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
+def loss_dtype(dtype):
+    """Loss dtype for scores of ``dtype``: float32 for 16-bit, else the same."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
+def accumulation_dtype(dtype):
+    """Accumulation dtype: float64 for float64 scores, float32 otherwise."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def round_to(value, dtype):
+    """``value`` rounded to ``dtype`` and back to a Python float (Keras's clip bounds)."""
+    return float(np.asarray(value, dtype=np.float64).astype(dtype))

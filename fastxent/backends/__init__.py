@@ -1,0 +1,53 @@
+"""Compute backends: kernels that trust their inputs.
+
+The public layer (``fastxent/losses.py``) validates every argument, moves the
+class axis last and hands each backend *normalised* arrays. A backend module
+(``numba_cpu``, ``cupy_cuda``) exposes the same functions with the same
+contract; ``fastxent/reference.py`` is the float64 oracle they are tested
+against and is called by the public layer directly for ``backend="numpy"``.
+
+Contract of a backend function
+------------------------------
+* Row families (softmax, categorical, score, hvp, building blocks) receive
+  ``logits``/``probs`` as a C-contiguous 2-D array ``(N, C)`` whose rows are the
+  class axis; sparse ``labels`` as a 1-D integer array ``(N,)`` already checked
+  to lie in ``[0, C)`` or equal ``ignore_index``; soft ``labels`` and ``v`` as
+  C-contiguous ``(N, C)`` arrays.
+* Elementwise families (sigmoid, binary) receive C-contiguous 2-D ``(R, K)``
+  arrays (K = size of the last axis, 1 for a 0-d/1-d input reshaped) and
+  ``pos_weight`` as ``None``, a Python float, or a C-contiguous ``(K,)`` or
+  ``(R, K)`` float64 array.
+* Score dtypes are the caller's own: float16, ``ml_dtypes.bfloat16`` (numpy) or
+  raw 16-bit storage (CuPy), float32, float64. Accumulation is float32, float64
+  for float64 scores.
+* ``grad_scale`` selects the pass: ``None`` runs the forward kernel only; else
+  the fused forward+backward kernel runs and the gradient of row ``i`` (or of
+  element ``(r, k)``) is multiplied by ``grad_scale`` -- a Python float, or an
+  array of the loss's 1-D/2-D shape (grad_output times the reduction factor).
+* Return values: the unreduced loss (``(N,)`` or ``(R, K)``) in the loss dtype
+  (float32 for 16-bit scores, else the score dtype) and, when asked, the
+  gradient in the first argument's dtype and 2-D shape. Reductions happen in
+  the public layer.
+
+Functions (all positional, in this order)::
+
+    sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight,
+                                 label_smoothing, z_loss, softcap, grad_scale)
+        -> (loss (N,), grad (N, C) | None)
+    softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale)
+        -> (loss (N,), grad | None)
+    sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale)
+        -> (loss (R, K), grad | None)
+    binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale)
+    categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale)
+    sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale)
+    log_softmax(x) -> (N, C);  softmax(x) -> (N, C);  logsumexp(x) -> (N,)
+    softmax_cross_entropy_hvp(logits, v) -> (N, C)
+    sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight) -> (R, K)
+    score(logits, labels, ignore_index) -> fastxent._score.Score of (N,) arrays
+
+``class_weight`` is ``None`` or a float64 ``(C,)`` array; ``ignore_index`` is
+``None`` or an int; ``softcap`` is ``None`` or a float > 0; ``epsilon`` is the
+lower clip bound and the upper bound is ``1 - epsilon`` rounded to the probs'
+dtype (the backend rounds it).
+"""
