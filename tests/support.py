@@ -1,0 +1,88 @@
+"""Shared test support: the tolerance table, the verbose comparison, input makers.
+
+One tolerance table keyed by dtype (CuPy's ``numpy_cupy_allclose`` habit): the
+backends are compared with ``fastxent.reference`` (float64, cast to the output
+dtype) through ``assert_close``, which prints the mismatch count, the first
+indices and the NaN/inf disagreements (Liger-Kernel's ``assert_verbose_allclose``).
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+FLOAT_DTYPES = (np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64))
+DTYPE_IDS = [d.name for d in FLOAT_DTYPES]
+
+#: (rtol, atol) per score dtype, for float32/float64 accumulators ("value": losses,
+#: lse, anything accumulated) and for outputs stored in the score dtype ("stored":
+#: gradients, softmax, log_softmax, hvp). 16-bit outputs are rounded twice (ours,
+#: the reference's cast): one or two units in their last place.
+TOLERANCE = {
+    "float64": {"value": (1e-9, 1e-9), "stored": (1e-9, 1e-12)},
+    "float32": {"value": (2e-5, 2e-5), "stored": (1e-4, 2e-6)},
+    "float16": {"value": (2e-5, 2e-5), "stored": (2e-3, 2e-6)},
+    "bfloat16": {"value": (2e-5, 2e-5), "stored": (1.6e-2, 2e-6)},
+}
+
+
+def tolerance(dtype, kind="value"):
+    return TOLERANCE[np.dtype(dtype).name][kind]
+
+
+def assert_close(actual, expected, dtype=np.float64, kind="value", what="", tol=None):
+    """allclose in float64 with NaN == NaN and equal infinities; verbose on failure."""
+    rtol, atol = tol if tol is not None else tolerance(dtype, kind)
+    actual_host = np.asarray(actual)
+    expected_host = np.asarray(expected)
+    assert actual_host.shape == expected_host.shape, (
+        f"{what}: shape {actual_host.shape} != expected {expected_host.shape}")
+    a = actual_host.astype(np.float64)
+    e = expected_host.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = np.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True) | (a == e)
+    if not ok.all():
+        bad = np.argwhere(~ok)
+        lines = [
+            f"{what}: {len(bad)} of {ok.size} elements differ (rtol={rtol}, atol={atol}); "
+            f"NaN disagreements: {np.count_nonzero(np.isnan(a) != np.isnan(e))}, "
+            f"inf disagreements: {np.count_nonzero(np.isinf(a) != np.isinf(e))}"
+        ]
+        for index in bad[:8]:
+            index = tuple(int(k) for k in index)
+            lines.append(f"  at {index}: got {a[index]!r}, expected {e[index]!r}")
+        pytest.fail("\n".join(lines))
+
+
+def assert_same_dtype(actual, expected, what=""):
+    assert np.asarray(actual).dtype == np.asarray(expected).dtype, (
+        f"{what}: dtype {np.asarray(actual).dtype} != expected {np.asarray(expected).dtype}")
+
+
+def make_logits(shape, dtype, seed=0, scale=3.0, spiky=True):
+    """Random scores; ``spiky`` adds a few large values per row so softmax is not flat
+    (llm.c: "otherwise all probabilities will be basically zero")."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * scale
+    if spiky and x.size:
+        mask = rng.random(shape) < 0.02
+        x = np.where(mask, x * 8, x)
+    return x.astype(dtype)
+
+
+def make_class_ids(shape, num_classes, seed=1, ignore_index=None, ignore_fraction=0.0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, size=shape).astype(np.int64)
+    if ignore_index is not None and ignore_fraction and labels.size:
+        labels = np.where(rng.random(shape) < ignore_fraction, ignore_index, labels)
+    return labels
+
+
+def make_distribution(shape, axis=-1, seed=2, dtype=np.float32, sparsity=0.3):
+    """Soft labels: non-negative, some exact zeros, rows summing to 1."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(shape)
+    y = np.where(rng.random(shape) < sparsity, 0.0, y)
+    total = y.sum(axis=axis, keepdims=True)
+    y = np.divide(y, total, out=np.zeros_like(y), where=total > 0)
+    return y.astype(dtype)

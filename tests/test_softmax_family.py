@@ -1,0 +1,264 @@
+"""The softmax family and building blocks on every host backend, against the reference.
+
+backend x dtype x shape x option, forward and fused forward+backward, compared
+with ``fastxent.reference`` (float64) through one tolerance table.
+"""
+
+import numpy as np
+import pytest
+
+import fastxent as fx
+from fastxent import reference as ref
+from tests.support import (
+    DTYPE_IDS,
+    FLOAT_DTYPES,
+    assert_close,
+    assert_same_dtype,
+    make_class_ids,
+    make_distribution,
+    make_logits,
+)
+
+BACKENDS = ["numba", "numpy"]
+SHAPES = [(0, 5), (1, 2), (7, 3), (5, 423), (2, 50257)]
+SHAPE_IDS = [f"{n}x{c}" for n, c in SHAPES]
+
+SPARSE_OPTIONS = {
+    "plain": {},
+    "ignore": {"ignore_index": -100},
+    "weights": {"class_weight": "random"},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 4.0},
+    "all": {"ignore_index": -100, "class_weight": "random", "label_smoothing": 0.2,
+            "z_loss": 1e-4, "softcap": 6.0},
+}
+
+
+def _sparse_options(options, num_classes):
+    options = dict(options)
+    if options.get("class_weight") == "random":
+        options["class_weight"] = np.random.default_rng(5).uniform(0.2, 2.0, num_classes)
+    return options
+
+
+def _compare(result, expected, dtype, what):
+    if isinstance(expected, tuple):
+        loss, grad = result
+        expected_loss, expected_grad = expected
+        assert_same_dtype(loss, expected_loss, what + " loss")
+        assert_same_dtype(grad, expected_grad, what + " grad")
+        assert_close(loss, expected_loss, dtype, "value", what + " loss")
+        assert_close(grad, expected_grad, dtype, "stored", what + " grad")
+    else:
+        assert_same_dtype(result, expected, what)
+        assert_close(result, expected, dtype, "value", what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("option", list(SPARSE_OPTIONS))
+def test_sparse_matches_reference(backend, dtype, shape, option):
+    logits = make_logits(shape, dtype)
+    options = _sparse_options(SPARSE_OPTIONS[option], shape[1])
+    labels = make_class_ids(shape[:1], shape[1], ignore_index=options.get("ignore_index"),
+                            ignore_fraction=0.3)
+    for reduction in ("none", "sum", "mean"):
+        expected = ref.sparse_softmax_cross_entropy(logits, labels, reduction=reduction,
+                                                    return_grad=True, **options)
+        got = fx.sparse_softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
+                                              backend=backend, **options)
+        _compare(got, expected, dtype, f"{backend} {option} {reduction}")
+        forward = fx.sparse_softmax_cross_entropy(logits, labels, reduction=reduction,
+                                                  backend=backend, **options)
+        _compare(forward, expected[0], dtype, f"{backend} {option} {reduction} forward-only")
+
+
+SOFT_OPTIONS = {"plain": {}, "smoothing": {"label_smoothing": 0.15}, "softcap": {"softcap": 3.0}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("option", list(SOFT_OPTIONS))
+def test_soft_matches_reference(backend, dtype, shape, option):
+    logits = make_logits(shape, dtype)
+    labels = make_distribution(shape, dtype=dtype)
+    options = SOFT_OPTIONS[option]
+    for reduction in ("none", "mean"):
+        expected = ref.softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
+                                             **options)
+        got = fx.softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
+                                       backend=backend, **options)
+        _compare(got, expected, dtype, f"{backend} {option} {reduction}")
+
+
+@pytest.mark.parametrize("label_dtype", [np.bool_, np.float64, np.float16])
+def test_soft_label_dtypes(label_dtype):
+    logits = make_logits((6, 9), np.float32)
+    labels = (make_distribution((6, 9), dtype=np.float64) > 0.1).astype(label_dtype)
+    expected = ref.softmax_cross_entropy(logits, labels, return_grad=True)
+    _compare(fx.softmax_cross_entropy(logits, labels, return_grad=True), expected, np.float32,
+             f"labels {np.dtype(label_dtype).name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(0, 4), (3, 1), (4, 2), (5, 423), (2, 50257)],
+                         ids=["0x4", "3x1", "4x2", "5x423", "2x50257"])
+def test_building_blocks_match_reference(backend, dtype, shape):
+    x = make_logits(shape, dtype)
+    for name, kind in (("logsumexp", "value"), ("log_softmax", "stored"), ("softmax", "stored")):
+        got = getattr(fx, name)(x, backend=backend)
+        expected = getattr(ref, name)(x)
+        assert_same_dtype(got, expected, name)
+        assert_close(got, expected, dtype, kind, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_axis_one_on_3d(backend):
+    logits = make_logits((3, 11, 4), np.float32)
+    labels = make_class_ids((3, 4), 11)
+    expected = ref.sparse_softmax_cross_entropy(logits, labels, axis=1, return_grad=True, reduction="mean")
+    got = fx.sparse_softmax_cross_entropy(logits, labels, axis=1, return_grad=True, reduction="mean",
+                                          backend=backend)
+    _compare(got, expected, np.float32, "axis=1")
+    soft = make_distribution((3, 11, 4), axis=1)
+    expected = ref.softmax_cross_entropy(logits, soft, axis=1, return_grad=True)
+    got = fx.softmax_cross_entropy(logits, soft, axis=1, return_grad=True, backend=backend)
+    _compare(got, expected, np.float32, "soft axis=1")
+    for name in ("log_softmax", "softmax", "logsumexp"):
+        assert_close(getattr(fx, name)(logits, axis=1, backend=backend), getattr(ref, name)(logits, axis=1),
+                     np.float32, "stored", name)
+    assert_close(fx.logsumexp(logits, axis=-3, backend=backend), ref.logsumexp(logits, axis=0),
+                 np.float32, "value", "axis=-3")
+
+
+def test_non_contiguous_and_negative_strides():
+    base = make_logits((12, 40), np.float32)
+    labels = make_class_ids((6,), 20)
+    for logits in (base[::2, ::2], base[::-2, 10:30], base[:6, ::-2], np.asfortranarray(base[:6, :20])):
+        expected = ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
+        got = fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
+        _compare(got, expected, np.float32, f"strides {logits.strides}")
+    labels_strided = make_class_ids((12,), 20)[::-2]
+    logits = base[::2, :20]
+    _compare(fx.sparse_softmax_cross_entropy(logits, labels_strided),
+             ref.sparse_softmax_cross_entropy(logits, labels_strided), np.float32, "strided labels")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_non_finite_rows_stay_in_their_row(dtype):
+    logits = make_logits((6, 5000), dtype)
+    logits[0, :] = 1e4
+    logits[0, 3] = -1e4
+    logits[1, 100:4000] = -np.inf        # masking: loss stays finite
+    logits[2, :] = -np.inf               # all -inf: NaN
+    logits[3, 17] = np.nan               # NaN: NaN
+    logits[4, 2500] = np.inf             # +inf: NaN
+    labels = np.array([3, 5, 0, 1, 0, 7])
+    logits[5, 7] = -np.inf               # -inf at the target: +inf
+    expected = ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
+    loss, grad = fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
+    assert np.isfinite(loss[0]) and np.isfinite(loss[1])
+    assert np.isnan(loss[2]) and np.isnan(loss[3]) and np.isnan(loss[4])
+    assert loss[5] == np.inf
+    assert np.all(grad[1, 100:4000] == 0)
+    _compare((loss, grad), expected, dtype, "non-finite")
+    for name in ("logsumexp", "log_softmax", "softmax"):
+        assert_close(getattr(fx, name)(logits), getattr(ref, name)(logits), dtype, "stored", name)
+
+
+def test_soft_labels_zero_where_masked():
+    logits = make_logits((3, 6), np.float64)
+    logits[:, 2] = -np.inf
+    labels = make_distribution((3, 6), dtype=np.float64)
+    labels[:, 2] = 0.0
+    loss, grad = fx.softmax_cross_entropy(logits, labels, return_grad=True)
+    assert np.all(np.isfinite(loss)) and np.all(grad[:, 2] == 0)
+    _compare((loss, grad), ref.softmax_cross_entropy(logits, labels, return_grad=True), np.float64, "xlogy")
+
+
+def test_large_magnitudes():
+    logits = make_logits((5, 300), np.float32) * 3000
+    labels = make_class_ids((5,), 300)
+    _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
+             ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True), np.float32, "±1e4")
+
+
+def test_ties_and_uniform_rows():
+    logits = np.zeros((4, 1000), np.float32)
+    labels = np.array([0, 999, 500, 3])
+    _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
+             ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True), np.float32, "uniform")
+    assert_close(fx.sparse_softmax_cross_entropy(logits, labels), np.full(4, np.log(1000.0)),
+                 np.float32, "value", "log(C)")
+
+
+@pytest.mark.parametrize("grad_output", ["scalar", "per_row", "broadcast_column"])
+def test_grad_output(grad_output):
+    logits = make_logits((4, 3, 10), np.float32)
+    labels = make_class_ids((4, 3), 10)
+    rng = np.random.default_rng(9)
+    upstream = {"scalar": np.float32(2.5), "per_row": rng.standard_normal((4, 3)),
+                "broadcast_column": rng.standard_normal((4, 1))}[grad_output]
+    _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=upstream),
+             ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=upstream),
+             np.float32, grad_output)
+    for reduction in ("sum", "mean"):
+        _compare(
+            fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True, reduction=reduction,
+                                            grad_output=0.5),
+            ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True, reduction=reduction,
+                                             grad_output=0.5),
+            np.float32, reduction)
+
+
+def test_mean_over_nothing_is_zero():
+    logits = make_logits((3, 4), np.float32)
+    labels = np.full(3, -100)
+    loss, grad = fx.sparse_softmax_cross_entropy(logits, labels, ignore_index=-100, reduction="mean",
+                                                 return_grad=True)
+    assert loss.shape == () and loss.dtype == np.float32 and float(loss) == 0.0
+    assert not grad.any()
+    weights = np.array([0.0, 0.0, 1.0, 1.0])
+    loss, grad = fx.sparse_softmax_cross_entropy(logits, np.array([0, 1, 0]), class_weight=weights,
+                                                 label_smoothing=0.1, reduction="mean", return_grad=True)
+    assert float(loss) == 0.0 and not grad.any()
+    empty = np.zeros((0, 4), np.float32)
+    loss, grad = fx.sparse_softmax_cross_entropy(empty, np.zeros(0, np.int64), reduction="mean",
+                                                 return_grad=True)
+    assert float(loss) == 0.0 and grad.shape == (0, 4)
+
+
+def test_reduced_loss_is_zero_d_array_of_loss_dtype():
+    for dtype in FLOAT_DTYPES:
+        logits = make_logits((3, 4), dtype)
+        loss = fx.sparse_softmax_cross_entropy(logits, np.array([0, 1, 2]), reduction="sum")
+        assert isinstance(loss, np.ndarray) and loss.shape == ()
+        assert loss.dtype == (np.float32 if dtype.itemsize == 2 else dtype)
+
+
+def test_label_dtypes_int8_uint16_int32():
+    logits = make_logits((5, 7), np.float32)
+    for label_dtype in (np.int8, np.uint16, np.int32, np.int64):
+        labels = make_class_ids((5,), 7).astype(label_dtype)
+        _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
+                 ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True), np.float32,
+                 np.dtype(label_dtype).name)
+
+
+def test_inputs_are_not_modified():
+    logits = make_logits((6, 33), np.float32)
+    labels = make_class_ids((6,), 33)
+    soft = make_distribution((6, 33))
+    weights = np.linspace(0.5, 1.5, 33)
+    upstream = np.arange(6, dtype=np.float32)
+    saved = [a.copy() for a in (logits, labels, soft, weights, upstream)]
+    fx.sparse_softmax_cross_entropy(logits, labels, class_weight=weights, label_smoothing=0.1,
+                                    softcap=5.0, z_loss=1e-3, return_grad=True, grad_output=upstream)
+    fx.softmax_cross_entropy(logits, soft, return_grad=True, grad_output=upstream)
+    fx.log_softmax(logits), fx.softmax(logits), fx.logsumexp(logits)
+    for before, after in zip(saved, (logits, labels, soft, weights, upstream)):
+        np.testing.assert_array_equal(before, after)
