@@ -79,29 +79,73 @@ def available_backends():
 
 
 def is_cuda_array(obj):
-    """True for an array that lives on a CUDA device (CuPy, or CAI/DLPack on CUDA)."""
-    if hasattr(obj, "__cuda_array_interface__"):
-        return True
+    """True for an array that lives on a CUDA device (CuPy, or CAI/DLPack on CUDA).
+
+    The DLPack device is asked first: it is cheap and never raises, whereas torch's
+    ``__cuda_array_interface__`` raises RuntimeError for a tensor that requires grad
+    (and older torch a KeyError for bfloat16), which ``hasattr`` would let through.
+    """
     device = getattr(obj, "__dlpack_device__", None)
     if device is not None and not isinstance(obj, np.ndarray):
         try:
             device_type = int(device()[0])
-        except Exception:  # noqa: BLE001 -- not a usable DLPack producer
-            return False
-        # DLPack device types: 2 = kDLCUDA, 3 = kDLCUDAHost (pinned host), 13 = kDLCUDAManaged.
-        return device_type in (2, 13)
-    return False
+        except Exception:  # noqa: BLE001 -- not a usable DLPack producer; try CAI below
+            device_type = None
+        if device_type is not None:
+            # DLPack device types: 2 = kDLCUDA, 3 = kDLCUDAHost (pinned host), 13 = kDLCUDAManaged.
+            return device_type in (2, 13)
+    try:
+        getattr(obj, "__cuda_array_interface__")
+    except AttributeError:
+        return False
+    except Exception:  # noqa: BLE001 -- the interface exists but cannot describe this array
+        return True
+    return True
 
 
 def as_device_array(obj):
-    """A CuPy view of a CUDA array object, without a host copy."""
+    """A CuPy view of a CUDA array object, without a host copy.
+
+    Objects with ``__dlpack__`` (torch, JAX) go through ``cupy.from_dlpack``, which
+    orders the producer's pending work before CuPy's current stream; others through
+    ``__cuda_array_interface__``. bfloat16 lives on the device as a CuPy array of dtype
+    ``ml_dtypes.bfloat16`` (CuPy >= 14 with ml_dtypes): where CuPy's DLPack import
+    refuses bfloat16, the tensor's storage is viewed as int16 and then as bfloat16,
+    still without a copy. Without that support a bfloat16 tensor is a TypeError.
+    """
     import cupy
 
     if isinstance(obj, cupy.ndarray):
         return obj
-    if hasattr(obj, "__cuda_array_interface__"):
-        return cupy.asarray(obj)
-    return cupy.from_dlpack(obj)
+
+    def is_bfloat16(array):
+        return str(getattr(array, "dtype", "")).rsplit(".", 1)[-1] == "bfloat16"
+
+    def bfloat16_view(array, reason):
+        try:
+            import ml_dtypes
+
+            if type(array).__module__.split(".")[0] == "torch":
+                import torch
+
+                raw = array.view(torch.int16)
+            else:
+                raw = array.view(np.int16)
+            return cupy.from_dlpack(raw).view(ml_dtypes.bfloat16)
+        except Exception as exc:  # noqa: BLE001 -- report both failures
+            raise TypeError(
+                f"a bfloat16 CUDA array needs CuPy >= 14 with ml_dtypes installed (CuPy "
+                f"{cupy.__version__}: {reason}; viewing its storage as int16: {exc})"
+            ) from None
+
+    if hasattr(obj, "__dlpack__"):
+        try:
+            return cupy.from_dlpack(obj)
+        except Exception as exc:  # noqa: BLE001 -- bfloat16 gets a second route below
+            if not is_bfloat16(obj):
+                raise
+            return bfloat16_view(obj, exc)
+    return cupy.asarray(obj)
 
 
 def resolve(backend, on_device):

@@ -1,0 +1,388 @@
+// fastxent -- every loss formula of DESIGN.md, once, as device functions and the running
+// statistics the kernels reduce. Read this file beside fastxent/reference.py: each block
+// below names the reference helper it mirrors. A is the accumulation type (float, or
+// double for double scores); every function here is per element or per row and knows
+// nothing about threads.
+//
+// Non-finite scores (DESIGN.md, reference.py's module docstring):
+//   * -inf at a class is masking: probability 0, gradient 0, and a term weighted by 0 adds
+//     nothing (the xlogy convention, xy() below);
+//   * the losses, score and hvp use the row rule: a row holding NaN or +inf, or entirely
+//     -inf, has lse = NaN (reference._lse);
+//   * logsumexp/log_softmax/softmax follow torch: lse = -inf for an all -inf row, +inf for
+//     a row holding +inf and no NaN, NaN with a NaN (reference._logsumexp).
+#pragma once
+
+#include "fx_common.cuh"
+
+namespace fx {
+
+// ----------------------------------------------------------------------------
+// Small helpers
+// ----------------------------------------------------------------------------
+
+// a * b where a != 0, else 0: a zero weight times an infinite score contributes 0
+// (reference._xy).
+template <class A> __device__ __forceinline__ A xy(A a, A b) { return a != A(0) ? a * b : A(0); }
+
+// a * log(b) with the same convention (reference._xlogy).
+template <class A> __device__ __forceinline__ A xlogy(A a, A b) { return a != A(0) ? a * acc_log(b) : A(0); }
+
+// The larger of a and b, NaN if either is NaN.
+template <class A> __device__ __forceinline__ A nanmax(A a, A b) { return (a > b || a != a) ? a : b; }
+
+template <class A> __device__ __forceinline__ bool is_finite(A a) { return a - a == A(0); }
+
+// Keras/torch.clamp clip: clip(q, lo, hi), NaN stays NaN; `inside` is lo <= q <= hi, where
+// the clip passes the gradient (reference._clip).
+template <class A> __device__ __forceinline__ A clip(A q, A lo, A hi, bool& inside) {
+    inside = (q >= lo) && (q <= hi);
+    return q < lo ? lo : (q > hi ? hi : q);
+}
+
+// ----------------------------------------------------------------------------
+// Softcap (Gemma 2): z = c tanh(x / c), dz/dx = 1 - tanh(x / c)^2 (reference._softcap).
+// cap <= 0 means no softcap: z = x, dz/dx = 1. tanh(-inf) = -1, so a -inf score becomes
+// -c, a finite score (reference.py: "with a softcap a -inf score is a finite score").
+// ----------------------------------------------------------------------------
+
+template <class A> __device__ __forceinline__ A softcap(A x, A cap) {
+    return cap > A(0) ? cap * acc_tanh(x / cap) : x;
+}
+
+template <class A> __device__ __forceinline__ A softcap(A x, A cap, A& slope) {
+    if (cap > A(0)) {
+        const A t = acc_tanh(x / cap);
+        slope = A(1) - t * t;
+        return cap * t;
+    }
+    slope = A(1);
+    return x;
+}
+
+// The fixed shift of a row's weighted score sums: sum_c a_c z_c is accumulated as
+// sum_c a_c (z_c - anchor) with anchor = z_0 (0 when z_0 is not finite), so rows of
+// large scores (|x| ~ 1e4) do not lose the loss to cancellation in sum(a) lse - sum(a z).
+// Every split of a row reads the same z_0, so partial sums add up.
+template <class A> __device__ __forceinline__ A row_anchor(A z0) { return is_finite(z0) ? z0 : A(0); }
+
+// ----------------------------------------------------------------------------
+// Online softmax statistics (Milakov & Gimelshein 2018, "Online normalizer calculation
+// for softmax", arXiv:1805.02867): a running max m and s = sum exp(z - m), updated one
+// score at a time and merged pairwise, so the forward reads each score once.
+//   * m moves up to z when z is larger, or NaN (NaN then sticks in m and s);
+//   * z = -inf adds nothing (never exp(-inf - -inf) = NaN);
+//   * z = +inf makes s NaN (exp(inf - inf)), which the row rule wants.
+// Invariant: m == -inf implies s == 0 and every other running sum is 0.
+// ----------------------------------------------------------------------------
+
+template <class A> struct Online {
+    A m, s;
+
+    __device__ void init() { m = -inf<A>(); s = A(0); }
+
+    // Adds exp(z - m) to s. Returns r, the factor every other exp(. - m)-weighted running
+    // sum must be multiplied by (1 when m did not move), and the new term e = exp(z - m),
+    // 0 for z = -inf.
+    __device__ __forceinline__ A push(A z, A& e) {
+        A r = A(1);
+        if (z > m || z != z) {
+            r = fast_exp(m - z);
+            m = z;
+        }
+        e = (z == -inf<A>()) ? A(0) : fast_exp(z - m);
+        s = s * r + e;
+        return r;
+    }
+
+    // exp(mi - M), exactly 1 when mi == M (so -inf == -inf and +inf == +inf give 1, not NaN).
+    __device__ static A rescale(A mi, A M) { return mi == M ? A(1) : fast_exp(mi - M); }
+
+    __device__ static Online merge(Online a, Online b) {
+        Online o;
+        o.m = nanmax(a.m, b.m);
+        o.s = a.s * rescale(a.m, o.m) + b.s * rescale(b.m, o.m);
+        return o;
+    }
+
+    // The losses' lse (reference._lse): NaN for NaN / +inf (s is NaN) and all -inf rows.
+    __device__ A lse_rows() const { return m == -inf<A>() ? nan<A>() : m + acc_log(s); }
+
+    // torch's logsumexp (reference._logsumexp): the row max when it is +-inf.
+    __device__ A lse_torch() const { return (m == inf<A>() || m == -inf<A>()) ? m : m + acc_log(s); }
+};
+
+// ----------------------------------------------------------------------------
+// Sparse softmax cross-entropy (reference.sparse_softmax_cross_entropy; torch's
+// cross_entropy with class weights w, smoothing eps, PaLM's z_loss and the softcap):
+//   per kept row with label y, z = softcap(x), lse = logsumexp(z), a_c = (1-eps) w_y [c==y]
+//   + (eps/C) w_c, T = sum_c a_c = (1-eps) w_y + (eps/C) W, W = sum_c w_c:
+//     loss   = sum_c a_c (lse - z_c) + z_loss lse^2
+//            = xy((1-eps) w_y, lse - z_y) + (eps/C) (W (lse - anchor) - sum_c w_c (z_c - anchor))
+//              + z_loss lse^2
+//     grad_c = (p_c (T + 2 z_loss lse) - a_c) dz_c/dx_c * scale,   p_c = exp(z_c - lse)
+// ----------------------------------------------------------------------------
+
+// Running statistics of a row: the online softmax and, when eps > 0, wz = sum_c w_c (z_c - anchor)
+// over the classes with w_c != 0.
+template <class A> struct SparseStats {
+    Online<A> sm;
+    A wz;
+    __device__ void init() { sm.init(); wz = A(0); }
+    __device__ __forceinline__ void add(A z, A w, bool smoothing, A anchor) {
+        A e;
+        sm.push(z, e);
+        if (smoothing && w != A(0)) wz += w * (z - anchor);
+    }
+    __device__ static SparseStats merge(SparseStats a, SparseStats b) {
+        SparseStats o;
+        o.sm = Online<A>::merge(a.sm, b.sm);
+        o.wz = a.wz + b.wz;
+        return o;
+    }
+};
+
+// Everything a kept row's loss and gradient need besides the running statistics.
+template <class A> struct SparseRow {
+    i64 y;        // the label
+    A wy;         // w_y (1 without class weights)
+    A eps;        // label smoothing
+    A eps_c;      // eps / C
+    A W;          // sum_c w_c (C without class weights)
+    A z_loss;     // PaLM's z_loss coefficient
+    A cap;        // softcap, <= 0 for none
+    A anchor;     // the row's score shift (row_anchor), used when eps > 0
+};
+
+template <class A>
+__device__ __forceinline__ A sparse_xent_loss(const SparseRow<A>& r, A lse, A zy, A wz) {
+    // The reference forms T * lse - sum_c xy(a_c, z_c): NaN whenever lse is, even when T = 0.
+    if (lse != lse) return lse;
+    A loss = xy((A(1) - r.eps) * r.wy, lse - zy);
+    if (r.eps > A(0)) loss += r.eps_c * (r.W * (lse - r.anchor) - wz);
+    return loss + r.z_loss * lse * lse;
+}
+
+// The coefficient of p_c in the gradient: T + 2 z_loss lse.
+template <class A> __device__ __forceinline__ A sparse_xent_p_coef(const SparseRow<A>& r, A lse) {
+    return (A(1) - r.eps) * r.wy + r.eps_c * r.W + A(2) * r.z_loss * lse;
+}
+
+// d loss / d x_c for a kept row; w_c is the class weight of c (1 without weights).
+template <class A>
+__device__ __forceinline__ A sparse_xent_grad(const SparseRow<A>& r, i64 c, A x, A w_c, A lse, A p_coef, A scale) {
+    A dz;
+    const A z = softcap(x, r.cap, dz);
+    const A p = fast_exp(z - lse);
+    const A a = r.eps_c * w_c + (c == r.y ? (A(1) - r.eps) * r.wy : A(0));
+    return (p * p_coef - a) * dz * scale;
+}
+
+// ----------------------------------------------------------------------------
+// Soft-label softmax cross-entropy (reference.softmax_cross_entropy, reference._softmax_xent):
+//   y'_c = (1-eps) y_c + eps/C, T = sum_c y'_c, z = softcap(x):
+//     loss   = T lse - sum_c xy(y'_c, z_c) = T (lse - anchor) - sum_c xy(y'_c, z_c - anchor)
+//     grad_c = (p_c T - y'_c) dz_c/dx_c * scale
+// ----------------------------------------------------------------------------
+
+template <class A> __device__ __forceinline__ A smooth_label(A y, A eps, A eps_c) { return (A(1) - eps) * y + eps_c; }
+
+template <class A> struct SoftStats {
+    Online<A> sm;
+    A t;    // sum_c y'_c
+    A yz;   // sum_c xy(y'_c, z_c - anchor)
+    __device__ void init() { sm.init(); t = A(0); yz = A(0); }
+    __device__ __forceinline__ void add(A z, A ys, A anchor) {
+        A e;
+        sm.push(z, e);
+        t += ys;
+        yz += xy(ys, z - anchor);
+    }
+    __device__ static SoftStats merge(SoftStats a, SoftStats b) {
+        SoftStats o;
+        o.sm = Online<A>::merge(a.sm, b.sm);
+        o.t = a.t + b.t;
+        o.yz = a.yz + b.yz;
+        return o;
+    }
+};
+
+template <class A> __device__ __forceinline__ A soft_xent_loss(A lse, A t, A yz, A anchor) {
+    if (lse != lse) return lse;  // T * NaN in the reference, whatever T is
+    return t * (lse - anchor) - yz;
+}
+
+template <class A>
+__device__ __forceinline__ A soft_xent_grad(A x, A ys, A cap, A lse, A t, A scale) {
+    A dz;
+    const A z = softcap(x, cap, dz);
+    return (fast_exp(z - lse) * t - ys) * dz * scale;
+}
+
+// ----------------------------------------------------------------------------
+// Scoring bundle (reference.score): lse, entropy -sum_c p_c log p_c and the first argmax.
+// Entropy runs online beside the softmax: u = sum_c exp(z_c - m) (z_c - m), so
+// entropy = log(s) - u / s; when m moves by d = m_old - m_new, u becomes r (u + s d).
+// ----------------------------------------------------------------------------
+
+template <class A> struct ScoreStats {
+    Online<A> sm;
+    A u;
+    A best;    // the largest score so far (NaN once a NaN is seen: np.argmax's first NaN)
+    i64 arg;   // its index, -1 before any score
+    __device__ void init() { sm.init(); u = A(0); best = A(0); arg = -1; }
+
+    // True when (v, i) should replace (bv, bi) as the first position of the maximum.
+    __device__ static bool better(A v, i64 i, A bv, i64 bi) {
+        if (bi < 0) return true;
+        if (v != v) return !(bv != bv) || i < bi;
+        if (bv != bv) return false;
+        return v > bv || (v == bv && i < bi);
+    }
+
+    __device__ __forceinline__ void add(i64 c, A z) {
+        const A m0 = sm.m, s0 = sm.s;
+        A e;
+        const A r = sm.push(z, e);
+        if (!(sm.m == m0)) u = (m0 == -inf<A>()) ? A(0) : r * (u + s0 * (m0 - sm.m));
+        if (e != A(0)) u += e * (z - sm.m);
+        if (better(z, c, best, arg)) { best = z; arg = c; }
+    }
+
+    // u of one side moved to the merged max M (0 for an empty side: m == -inf, s == u == 0).
+    __device__ static A u_at(A mi, A si, A ui, A M) {
+        if (mi == M) return ui;
+        if (mi == -inf<A>()) return A(0);
+        const A d = mi - M;
+        return fast_exp(d) * (ui + si * d);
+    }
+
+    __device__ static ScoreStats merge(ScoreStats a, ScoreStats b) {
+        ScoreStats o;
+        o.sm = Online<A>::merge(a.sm, b.sm);
+        o.u = u_at(a.sm.m, a.sm.s, a.u, o.sm.m) + u_at(b.sm.m, b.sm.s, b.u, o.sm.m);
+        const bool take_b = better(b.best, b.arg, a.best, a.arg) && b.arg >= 0;
+        o.best = take_b ? b.best : a.best;
+        o.arg = take_b ? b.arg : a.arg;
+        return o;
+    }
+
+    // reference.score's entropy = lse - sum_c xy(p_c, z_c): NaN with the row rule.
+    __device__ A entropy() const {
+        if (sm.m == -inf<A>()) return nan<A>();
+        return acc_log(sm.s) - u / sm.s;
+    }
+};
+
+// ----------------------------------------------------------------------------
+// Hessian-vector product (reference.softmax_cross_entropy_hvp): H v = p v - p (p . v),
+// p = exp(z - lse) with the row rule; p . v runs online as pv = sum_c exp(z_c - m) v_c,
+// so p . v = pv / s. A masked class (z = -inf) adds 0 * v_c, as p * v does in the reference.
+// ----------------------------------------------------------------------------
+
+template <class A> struct HvpStats {
+    Online<A> sm;
+    A pv;
+    __device__ void init() { sm.init(); pv = A(0); }
+    __device__ __forceinline__ void add(A z, A v) {
+        A e;
+        const A r = sm.push(z, e);
+        pv = pv * r + e * v;
+    }
+    __device__ static HvpStats merge(HvpStats a, HvpStats b) {
+        HvpStats o;
+        o.sm = Online<A>::merge(a.sm, b.sm);
+        o.pv = a.pv * Online<A>::rescale(a.sm.m, o.sm.m) + b.pv * Online<A>::rescale(b.sm.m, o.sm.m);
+        return o;
+    }
+};
+
+template <class A> __device__ __forceinline__ A hvp_value(A z, A v, A lse, A pdotv) {
+    const A p = fast_exp(z - lse);
+    return p * v - p * pdotv;
+}
+
+// ----------------------------------------------------------------------------
+// Probability inputs (Keras 3; reference._categorical, binary_cross_entropy):
+//   categorical: s = sum_c p_c, q = clip(p / s, lo, hi), y'_c = (1-eps) y_c + eps/C,
+//     loss = -sum_c xlogy(y'_c, q_c),  g_c = inside_c ? -xy(y'_c, 1/q_c) : 0,
+//     grad_c = (g_c / s - (sum_j g_j p_j) / s^2) * scale
+//   binary: z' = (1-eps) z + eps/2, q = clip(p, lo, hi),
+//     loss = -(xlogy(z', q) + xlogy(1-z', 1-q)),
+//     grad = (inside ? -(xy(z', 1/q) - xy(1-z', 1/(1-q))) : 0) * scale
+//   lo = epsilon and hi = 1 - epsilon are rounded to the probs' dtype by the host.
+// ----------------------------------------------------------------------------
+
+template <class A> struct SumStats {
+    A s;
+    __device__ void init() { s = A(0); }
+    __device__ static SumStats merge(SumStats a, SumStats b) { SumStats o; o.s = a.s + b.s; return o; }
+};
+
+template <class A> struct CategoricalStats {
+    A nll;   // sum_c xlogy(y'_c, q_c)  (the loss is its negative)
+    A gp;    // sum_c g_c p_c
+    __device__ void init() { nll = A(0); gp = A(0); }
+    __device__ static CategoricalStats merge(CategoricalStats a, CategoricalStats b) {
+        CategoricalStats o;
+        o.nll = a.nll + b.nll;
+        o.gp = a.gp + b.gp;
+        return o;
+    }
+};
+
+// d loss / d q_c of the clipped categorical loss for one class (0 where clipped); also
+// returns xlogy(y', q_c) for the loss.
+template <class A>
+__device__ __forceinline__ A categorical_dq(A p, A ys, A s, A lo, A hi, A& term) {
+    bool inside;
+    const A q = clip(p / s, lo, hi, inside);
+    term = xlogy(ys, q);
+    return inside ? -xy(ys, A(1) / q) : A(0);
+}
+
+template <class A> __device__ __forceinline__ A categorical_grad(A g, A s, A gp, A scale) {
+    return (g / s - gp / (s * s)) * scale;
+}
+
+template <class A>
+__device__ __forceinline__ A binary_xent(A p, A z, A eps, A lo, A hi, A scale, A& grad) {
+    const A zs = (A(1) - eps) * z + eps / A(2);
+    bool inside;
+    const A q = clip(p, lo, hi, inside);
+    grad = (inside ? -(xy(zs, A(1) / q) - xy(A(1) - zs, A(1) / (A(1) - q))) : A(0)) * scale;
+    return -(xlogy(zs, q) + xlogy(A(1) - zs, A(1) - q));
+}
+
+// ----------------------------------------------------------------------------
+// Sigmoid family (reference.sigmoid_cross_entropy, sigmoid_cross_entropy_hessian_diag;
+// TensorFlow's weighted_cross_entropy_with_logits), q = pos_weight, z' = (1-eps) z + eps/2:
+//   loss = (1-z') x + (1 + (q-1) z') softplus(-x)
+//   grad = ((1-z') - (1 + (q-1) z') sigmoid(-x)) * scale
+//   hess = (1 + (q-1) z) sigmoid(x) sigmoid(-x)
+// softplus and sigmoid only take exp(-|x|): no overflow for any finite x. IEEE arithmetic
+// otherwise (x = +inf with z = 1 gives 0 * inf = NaN, as the reference).
+// ----------------------------------------------------------------------------
+
+template <class A> __device__ __forceinline__ A sigmoid(A x) {
+    const A e = acc_exp(-absval(x));
+    return x >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
+}
+
+template <class A> __device__ __forceinline__ A softplus(A x) {
+    return (x > A(0) ? x : A(0)) + acc_log1p(acc_exp(-absval(x)));
+}
+
+template <class A>
+__device__ __forceinline__ A sigmoid_xent(A x, A z, A q, A eps, A scale, A& grad) {
+    const A zs = (A(1) - eps) * z + eps / A(2);
+    const A log_weight = A(1) + (q - A(1)) * zs;
+    grad = ((A(1) - zs) - log_weight * sigmoid(-x)) * scale;
+    return (A(1) - zs) * x + log_weight * softplus(-x);
+}
+
+template <class A> __device__ __forceinline__ A sigmoid_hessian(A x, A z, A q) {
+    return (A(1) + (q - A(1)) * z) * sigmoid(x) * sigmoid(-x);
+}
+
+}  // namespace fx
