@@ -1,0 +1,419 @@
+"""The ``fastxent`` command, run as a subprocess: ``bench --quick`` and ``score``.
+
+Every case runs ``python -m fastxent.cli`` in a child process (the console
+script ``fastxent`` is the same ``main``), so exit statuses, stderr and peak
+memory are the command's own. Kept under a minute on 2 cores: small arrays,
+``--memory`` budgets of a few MB.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fastxent as fx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MiB = 1 << 20
+
+
+def run_cli(*args, cwd=None, env_extra=None, timeout=300):
+    """Run the command; return (exit status, stdout, stderr)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("FASTXENT_BACKEND", None)
+    env.update(env_extra or {})
+    child = subprocess.Popen([sys.executable, "-m", "fastxent.cli", *map(str, args)], cwd=cwd or REPO,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise
+    return child.returncode, out.decode(), err.decode()
+
+
+def run_for_rss(*args):
+    """Run the command; return (exit status, stderr, the child's own peak RSS in bytes)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("FASTXENT_BACKEND", None)
+    child = subprocess.Popen([sys.executable, "-m", "fastxent.cli", *map(str, args)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    child.stderr.close()
+    return child.returncode, err.decode(), usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+
+
+def logits_and_labels(shape=(300, 37), seed=0, ignore_every=7):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * 3
+    x[rng.random(shape) < 0.02] *= 8  # spiky, so the softmax is not flat
+    labels = rng.integers(0, shape[-1], size=shape[:-1])
+    if ignore_every:
+        labels.reshape(-1)[::ignore_every] = -100
+    return x.astype(np.float32), labels
+
+
+def _score_backend_args():
+    """The default backend when it runs fastxent.score, else the reference.
+
+    The score bundle arrives on the Numba backend after the softmax kernels;
+    until then the score-field tests run the same CLI path on backend="numpy".
+    """
+    try:
+        fx.score(np.zeros((2, 3), np.float32), np.array([0, 1]))
+    except AttributeError:
+        return ["--backend", "numpy"], "numpy"
+    return [], None
+
+
+# ----------------------------------------------------------------------------
+# fastxent bench
+# ----------------------------------------------------------------------------
+
+def test_bench_quick_table_agrees_and_json_parses(tmp_path):
+    # Peers limited to numpy and torch: importing TensorFlow and JAX alone takes
+    # longer than the rest of this test on 2 cores.
+    report = tmp_path / "bench.json"
+    status, out, err = run_cli("bench", "--quick", "--peers", "numpy,torch", "--json", report)
+    assert status == 0, err
+    assert "Traceback" not in err
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header[:7] == ["op", "shape", "dtype", "entry", "median", "GB/s", "x read"]
+    assert header[-1] == "ref"
+    body = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    assert body, out
+    entries = {row[3] for row in body}
+    assert "fastxent[numba]" in entries and "read" in entries
+    for row in body:
+        assert row[-1] == ("—" if row[3] == "read" else "✓"), row
+    assert "warm-up" in out  # the compile-excluded note
+
+    data = json.loads(report.read_text())
+    assert len(data["rows"]) == len(body)
+    assert all(row["agrees"] is (None if row["kind"] == "yardstick" else True) for row in data["rows"])
+    assert all(row["median_s"] > 0 and row["gb_per_s"] > 0 for row in data["rows"])
+    assert data["machine"]["cores"] >= 1
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "plot.png"
+    status, out, err = run_cli("bench", "--quick", "--ops", "sparse_fwd", "--peers", "numpy",
+                                  "--backend", "numba", "--plot", picture)
+    assert status == 0, err
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path):
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+    status, out, err = run_cli("bench", "--quick", "--plot", tmp_path / "p.png",
+                                  env_extra={"PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{REPO}"})
+    assert status == 2
+    assert err.strip().splitlines() == ["fastxent bench: error: --plot needs matplotlib: "
+                                        "pip install 'fastxent[plot]'"]
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_bench_without_ml_dtypes_skips_bfloat16(tmp_path):
+    """The README's first command installs numpy and numba only: no ml_dtypes, so
+    the built-in bfloat16 cases are skipped with the reason, not an error."""
+    fake = tmp_path / "fake" / "ml_dtypes"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('ml_dtypes is not installed')\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{REPO}"}
+    status, out, err = run_cli("bench", "--quick", "--peers", "none", env_extra=env)
+    assert status == 0, err
+    assert "bfloat16" not in "".join(line for line in out.splitlines() if line.startswith("| "))
+    assert "bfloat16 needs ml_dtypes" in out
+    status, out, err = run_cli("bench", "--dtypes", "bfloat16", env_extra=env)
+    assert status == 2 and "--dtypes bfloat16 needs ml_dtypes" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shapes", "12"], "--shapes: '12' is not ROWSxCLASSES"),
+    (["--ops", "nope"], "--ops: 'nope' is not one of"),
+    (["--dtypes", "int8"], "--dtypes: 'int8' is not one of"),
+    (["--backend", "cupy"], "--backend 'cupy' is not available here"),
+    (["--repeat", "0"], "argument --repeat: 0 is not at least 1"),
+])
+def test_bench_bad_options(args, message):
+    if args == ["--backend", "cupy"] and "cupy" in fx.available_backends():
+        pytest.skip("cupy is available here")
+    status, out, err = run_cli("bench", *args)
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_no_command_prints_help_and_version():
+    status, out, err = run_cli()
+    assert status == 2 and "bench" in err and "score" in err
+    status, out, err = run_cli("--version")
+    assert status == 0 and out.strip() == f"fastxent {fx.__version__}"
+
+
+# ----------------------------------------------------------------------------
+# fastxent score: results equal the library call
+# ----------------------------------------------------------------------------
+
+def test_score_loss_equals_library(tmp_path):
+    x, y = logits_and_labels()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    # 2 KiB: chunks of 12 rows, so the 300 rows take 25 library calls.
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "loss.npy",
+                                  "--ignore-index", "-100", "--memory", "2k")
+    assert status == 0, err
+    got = np.load(tmp_path / "loss.npy")
+    want = fx.sparse_softmax_cross_entropy(x, y, ignore_index=-100)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("fastxent score: 300 rows x 37 classes") and "rows/s" in summary
+    assert f"mean loss {float(fx.sparse_softmax_cross_entropy(x, y, ignore_index=-100, reduction='mean')):.6g}" \
+        in summary
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_score_every_field_equals_library(tmp_path):
+    backend_args, backend = _score_backend_args()
+    x, y = logits_and_labels()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    fields = "loss,lse,target_logprob,entropy,argmax,correct"
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "all.npz",
+                                  "--fields", fields, "--ignore-index", "-100", "--memory", "3k", *backend_args)
+    assert status == 0, err
+    want = fx.score(x, y, ignore_index=-100, backend=backend)
+    with np.load(tmp_path / "all.npz") as got:
+        assert sorted(got.files) == sorted(fields.split(","))
+        for name in fields.split(","):
+            expected = getattr(want, name)
+            assert got[name].dtype == expected.dtype, name
+            np.testing.assert_array_equal(got[name], expected, err_msg=name)
+    assert "accuracy" in err
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_score_reductions_equal_library(tmp_path, reduction):
+    backend_args, backend = _score_backend_args()
+    x, y = logits_and_labels()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    fields = ["loss", "lse", "target_logprob", "entropy", "correct"]
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "r.npz",
+                                  "--fields", ",".join(fields), "--ignore-index", "-100",
+                                  "--reduction", reduction, "--memory", "2k", *backend_args)
+    assert status == 0, err
+    s = fx.score(x, y, ignore_index=-100, backend=backend)
+    kept = y != -100
+    reduce = np.sum if reduction == "sum" else np.mean
+    want = {
+        "loss": float(fx.sparse_softmax_cross_entropy(x, y, ignore_index=-100, reduction=reduction,
+                                                      backend=backend)),
+        "lse": reduce(s.lse.astype(np.float64)),
+        "target_logprob": reduce(s.target_logprob[kept].astype(np.float64)),
+        "entropy": reduce(s.entropy.astype(np.float64)),
+        "correct": reduce(s.correct[kept].astype(np.float64)),
+    }
+    printed = dict(line.split() for line in out.strip().splitlines())
+    with np.load(tmp_path / "r.npz") as written:
+        for name in fields:
+            assert float(printed[name]) == float(written[name]), name
+            np.testing.assert_allclose(float(written[name]), want[name], rtol=2e-6, err_msg=name)
+
+
+def test_score_single_reduced_value_prints_a_number(tmp_path):
+    x, y = logits_and_labels(ignore_every=0)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "--reduction", "mean")
+    assert status == 0, err
+    np.testing.assert_allclose(float(out), fx.sparse_softmax_cross_entropy(x, y, reduction="mean"), rtol=2e-6)
+
+
+@pytest.mark.parametrize("layout", ["rows-time-classes", "rows-classes-time"])
+def test_score_more_dims_and_axis(tmp_path, layout):
+    x, y = logits_and_labels(shape=(40, 6, 11), ignore_every=0)
+    axis = -1
+    if layout == "rows-classes-time":  # PyTorch's (N, C, d1) layout
+        x, axis = np.ascontiguousarray(np.moveaxis(x, -1, 1)), 1
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "l.npy",
+                                  "--axis", axis, "--memory", "4k")
+    assert status == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), fx.sparse_softmax_cross_entropy(x, y, axis=axis))
+
+
+def test_score_bfloat16_raw_items(tmp_path):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x, y = logits_and_labels(ignore_every=0)
+    xb = x.astype(ml_dtypes.bfloat16)
+    np.save(tmp_path / "x.npy", xb)  # written as '|V2'
+    np.save(tmp_path / "y.npy", y)
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "l.npy")
+    assert status == 2 and "--bfloat16" in err
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "l.npy",
+                                  "--bfloat16", "--memory", "2k")
+    assert status == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), fx.sparse_softmax_cross_entropy(xb, y))
+
+
+# ----------------------------------------------------------------------------
+# fastxent score: memory stays within the budget
+# ----------------------------------------------------------------------------
+
+#: Allowed above (baseline + budget): page fault-around past the chunk end
+#: (64 KiB per mapping), allocator slack, the labels and result arrays of a chunk.
+RSS_MARGIN = 4 * MiB
+
+
+def test_score_peak_rss_within_budget(tmp_path):
+    """32 MiB of logits under --memory 8M: the peak stays near baseline + 8 MiB.
+
+    The baseline is the same command on a 4-row file with the same number of
+    classes (so the same kernels): Python, numpy, numba and the compiled code,
+    about 160 MiB here. Without the page release the big run peaks 32 MiB above
+    it (measured: +32.1 MiB; with it +7.5 MiB).
+    """
+    classes, budget = 8192, 8 * MiB
+    rng = np.random.default_rng(0)
+    for name, rows in (("tiny", 4), ("big", 1024)):  # big: 1024 x 8192 float32 = 32 MiB = 4x budget
+        x = np.lib.format.open_memmap(tmp_path / f"{name}_x.npy", "w+", np.float32, (rows, classes))
+        for start in range(0, rows, 128):
+            x[start:start + 128] = rng.standard_normal((min(128, rows - start), classes), dtype=np.float32)
+        x.flush()
+        del x
+        np.save(tmp_path / f"{name}_y.npy", rng.integers(0, classes, rows))
+    assert os.path.getsize(tmp_path / "big_x.npy") >= 4 * budget
+
+    peaks = {}
+    for name in ("tiny", "big"):
+        status, err, peaks[name] = run_for_rss("score", tmp_path / f"{name}_x.npy", tmp_path / f"{name}_y.npy",
+                                               "-o", tmp_path / f"{name}_loss.npy", "--memory", "8M")
+        assert status == 0, err
+    allowed = peaks["tiny"] + budget + RSS_MARGIN
+    assert peaks["big"] <= allowed, (
+        f"peak RSS {peaks['big'] / MiB:.1f} MiB > baseline {peaks['tiny'] / MiB:.1f} MiB + "
+        f"budget 8 MiB + margin {RSS_MARGIN / MiB:.0f} MiB")
+    x = np.load(tmp_path / "big_x.npy")
+    y = np.load(tmp_path / "big_y.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "big_loss.npy"), fx.sparse_softmax_cross_entropy(x, y))
+
+
+# ----------------------------------------------------------------------------
+# fastxent score: bad input -> one line, exit 2, no traceback, no output
+# ----------------------------------------------------------------------------
+
+def _write_bad_case(case, d):
+    """Write the inputs of bad-input ``case`` into ``d``; return (args, words the message must hold)."""
+    x, y = logits_and_labels(shape=(50, 5), ignore_every=0)
+    xp, yp, out = d / "x.npy", d / "y.npy", d / "out.npy"
+    np.save(xp, x)
+    np.save(yp, y)
+    if case == "missing logits":
+        return [d / "nope.npy", yp, "-o", out], [str(d / "nope.npy"), "no such file"]
+    if case == "missing labels":
+        return [xp, d / "nope.npy", "-o", out], [str(d / "nope.npy"), "no such file"]
+    if case == "directory":
+        return [d, yp, "-o", out], [str(d), "is a directory"]
+    if case == "not npy":
+        (d / "text.npy").write_text("1,2,3\n")
+        return [d / "text.npy", yp, "-o", out], [str(d / "text.npy"), "not a .npy file"]
+    if case == "truncated":
+        data = xp.read_bytes()
+        xp.write_bytes(data[:len(data) - 100])
+        return [xp, yp, "-o", out], [str(xp), "truncated", "(50, 5)"]
+    if case == "row count":
+        np.save(yp, y[:49])
+        return [xp, yp, "-o", out], [str(yp), "49 rows", "50"]
+    if case == "text logits":
+        np.save(xp, np.array([["a", "b"], ["c", "d"]]))
+        return [xp, yp, "-o", out], [str(xp), "text dtype"]
+    if case == "integer logits":
+        np.save(xp, np.ones((50, 5), np.int32))
+        return [xp, yp, "-o", out], [str(xp), "integer dtype int32"]
+    if case == "float labels":
+        np.save(yp, y.astype(np.float32))
+        return [xp, yp, "-o", out], [str(yp), "integer class ids", "float32"]
+    if case == "pickled":
+        np.save(xp, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+        return [xp, yp, "-o", out], [str(xp), "Python objects"]
+    if case == "label range":
+        y[37] = 5
+        np.save(yp, y)
+        # --memory 1k: chunks of a few rows, so the row number must be the file's, not the chunk's.
+        return [xp, yp, "-o", out, "--memory", "1k"], [str(yp), "labels[37] = 5 is outside [0, 5)"]
+    if case == "axis 0":
+        return [xp, yp, "-o", out, "--axis", "0"], ["--axis 0", "first axis"]
+    if case == "several fields to npy":
+        return [xp, yp, "-o", out, "--fields", "loss,lse"], [".npz"]
+    if case == "missing folder":
+        return [xp, yp, "-o", d / "no" / "out.npy"], ["does not exist"]
+    if case == "budget below a row":
+        return [xp, yp, "-o", out, "--memory", "8"], ["--memory 8", "raise the budget"]
+    if case == "one class":
+        np.save(xp, np.zeros((50, 1), np.float32))
+        np.save(yp, np.zeros(50, np.int64))
+        return [xp, yp, "-o", out], [str(xp), "sigmoid_cross_entropy"]
+    raise KeyError(case)
+
+
+BAD_CASES = ["missing logits", "missing labels", "directory", "not npy", "truncated", "row count",
+             "text logits", "integer logits", "float labels", "pickled", "label range", "axis 0",
+             "several fields to npy", "missing folder", "budget below a row", "one class"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_score_bad_input(tmp_path, case):
+    args, words = _write_bad_case(case, tmp_path)
+    before = set(os.listdir(tmp_path))
+    status, out, err = run_cli("score", *args)
+    assert status == 2, (status, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastxent score: error: "), lines[0]
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert set(os.listdir(tmp_path)) == before  # no output, no temporary file left
+
+
+def test_score_interrupted_leaves_no_output(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.standard_normal((50_000, 64), dtype=np.float32))
+    np.save(tmp_path / "y.npy", rng.integers(0, 64, 50_000))
+    env = dict(os.environ, PYTHONPATH=REPO)
+    # 4 KiB: chunks of 14 rows, 3,572 library calls: time to interrupt it.
+    child = subprocess.Popen([sys.executable, "-m", "fastxent.cli", "score", tmp_path / "x.npy",
+                              tmp_path / "y.npy", "-o", tmp_path / "out.npy", "--memory", "4k"],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if any(name.endswith(".tmp") for name in os.listdir(tmp_path)):
+            break
+        time.sleep(0.002)
+    if child.poll() is not None:
+        pytest.skip("the run ended before it could be interrupted")
+    time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=60)
+    if child.returncode == 0:
+        pytest.skip("the run ended before the signal arrived")
+    assert child.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines()[-1] == "fastxent score: interrupted; no output written"
+    assert sorted(os.listdir(tmp_path)) == ["x.npy", "y.npy"]
