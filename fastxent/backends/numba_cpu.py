@@ -84,6 +84,15 @@ def _scale_and_step(grad_scale, count):
     return np.ascontiguousarray(grad_scale, dtype=np.float64).reshape(count), 1
 
 
+def _keeps_exp(logits, softcap):
+    """Whether the fused kernels keep ``exp(x - m)`` in the gradient row between passes.
+
+    Only for float32/float64 gradients (a 16-bit row would round the
+    intermediate) and without softcap (whose slope needs the scores again).
+    """
+    return softcap is None and logits.dtype.itemsize >= 4
+
+
 def _class_ids(labels):
     """Labels as int32 or int64 (one compiled kernel each); other integer widths are widened."""
     if labels.dtype in (np.int32, np.int64):
@@ -160,6 +169,28 @@ def _row_lse(row, softcap, acc):
 
 
 @njit(inline="always", fastmath=FASTMATH)
+def _row_exp_into(row, out_row, acc):
+    """``out_row = exp(x - m)`` (m = row max) and the row's lse: the fused kernels' first half.
+
+    Keeping the exponentials in the (float32/float64) gradient row lets the
+    gradient pass be a multiply-subtract instead of a second exp per element
+    (measured: fused pass 1.6x faster at 4096 x 32000). The row is read from
+    memory once by the max and again from L2 (a 32000-float row is 128 KB).
+    Returns ``(lse, 1 / sum)``; NaN lse for the rows ``_row_lse`` makes NaN.
+    """
+    peak = _chunk_max(row, 0, row.shape[0], acc)
+    shift = peak if peak != -np.inf else acc(0.0)
+    total = acc(0.0)
+    for j in range(row.shape[0]):
+        value = nm.exp_approx(nm.load(row[j]) - shift)
+        out_row[j] = value
+        total += value
+    if total > 0:
+        return shift + acc(math.log(total)), 1 / total
+    return acc(np.nan), acc(np.nan)
+
+
+@njit(inline="always", fastmath=FASTMATH)
 def _row_weighted_sum(row, weights, softcap, acc):
     """``sum_c w_c t_c``: the label-smoothing term (weights in the accumulation type)."""
     total = acc(0.0)
@@ -190,9 +221,42 @@ def _softmax_grad(raw, coef, offset, lse, softcap, acc):
     return (coef * nm.exp_approx(capped - lse) - offset) * _capped_slope(capped, softcap, acc)
 
 
+@njit(inline="always", fastmath=FASTMATH)
+def _row_lse_for(row, grad, i, keep_exp, softcap, acc):
+    """The row's lse, and ``1/sum(exp)`` when the exponentials were kept in ``grad[i]``."""
+    if grad is None:
+        return _row_lse(row, softcap, acc), acc(0.0)
+    if keep_exp:
+        return _row_exp_into(row, grad[i], acc)
+    return _row_lse(row, softcap, acc), acc(0.0)
+
+
+@njit(inline="always", fastmath=FASTMATH)
+def _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, lse, offsets, offset_scale, softcap, acc):
+    """``grad_row[j] = (coef * p_j - offset_scale * offsets[j]) * dt/dx`` for the whole row.
+
+    With ``keep_exp`` the row already holds ``exp(x - m)`` and ``p_j`` is one
+    multiply away; otherwise ``p_j`` is recomputed from the scores (softcap,
+    16-bit gradients). ``offsets`` is None for a zero offset (no weights read).
+    """
+    if keep_exp:
+        factor = coef * inv_sum
+        for j in range(row.shape[0]):
+            value = nm.load(grad_row[j]) * factor
+            if offsets is not None:
+                value -= offset_scale * nm.load(offsets[j])
+            grad_row[j] = nm.store(value, grad)
+    else:
+        for j in range(row.shape[0]):
+            offset = acc(0.0)
+            if offsets is not None:
+                offset = offset_scale * nm.load(offsets[j])
+            grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, lse, softcap, acc), grad)
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoothing, z_loss,
-                   softcap, scale, step, loss, grad, acc):
+                   softcap, scale, step, keep_exp, loss, grad, acc):
     """Sparse softmax cross-entropy rows; the gradient too when ``grad`` is not None.
 
     ``l = (1-e) w_y (lse - t_y) + (e/C) (W lse - sum_c w_c t_c) + z lse^2``;
@@ -210,7 +274,7 @@ def _sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smo
                     grad[i, j] = nm.store(acc(0.0), grad)
             continue
         row = logits[i]
-        lse = _row_lse(row, softcap, acc)
+        lse, inv_sum = _row_lse_for(row, grad, i, keep_exp, softcap, acc)
         target = _capped(nm.load(row[label]), softcap)
         weight = class_weight[label]
         value = keep * weight * (lse - target) + z_loss * lse * lse
@@ -220,24 +284,28 @@ def _sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smo
         if grad is not None:
             g = acc(scale[i * step])
             coef = g * (keep * weight + share * weight_total + 2 * z_loss * lse)
-            smooth = g * share
             grad_row = grad[i]
+            # Reading the C class weights halves the loop's speed (measured 0.74
+            # vs 1.5 elements/ns): the unsmoothed loop does not touch them.
             if smoothing == 0:
-                # Reading the C class weights costs 2x here (measured 0.74 vs 1.5
-                # elements/ns): the unsmoothed loop does not touch them.
-                for j in range(count):
-                    grad_row[j] = nm.store(_softmax_grad(row[j], coef, acc(0.0), lse, softcap, acc), grad)
+                _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, lse, None, acc(0.0),
+                                 softcap, acc)
             else:
-                for j in range(count):
-                    grad_row[j] = nm.store(
-                        _softmax_grad(row[j], coef, smooth * class_weight[j], lse, softcap, acc), grad)
+                _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, lse, class_weight,
+                                 g * share, softcap, acc)
+            # The target's own term -g (1-e) w_y: added to the kept float32/64
+            # value, or the element recomputed whole (a 16-bit value rounded
+            # before the subtraction would lose the cancellation's digits).
             own = g * keep * weight
-            target_grad = _softmax_grad(row[label], coef, smooth * class_weight[label] + own, lse, softcap, acc)
-            grad_row[label] = nm.store(target_grad, grad)
+            if keep_exp:
+                grad_row[label] = nm.store(nm.load(grad_row[label]) - own, grad)
+            else:
+                offset = own + g * share * class_weight[label]
+                grad_row[label] = nm.store(_softmax_grad(row[label], coef, offset, lse, softcap, acc), grad)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _soft_kernel(logits, labels, smoothing, softcap, scale, step, loss, grad, acc):
+def _soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss, grad, acc):
     """Soft-label softmax cross-entropy rows (and gradient when ``grad`` is not None).
 
     ``y' = (1-e) y + e/C``; ``l = sum(y') lse - sum_c y'_c t_c`` (xlogy);
@@ -249,7 +317,7 @@ def _soft_kernel(logits, labels, smoothing, softcap, scale, step, loss, grad, ac
     for i in prange(logits.shape[0]):
         row = logits[i]
         targets = labels[i]
-        lse = _row_lse(row, softcap, acc)
+        lse, inv_sum = _row_lse_for(row, grad, i, keep_exp, softcap, acc)
         label_total = acc(0.0)
         dot = acc(0.0)
         for j in range(count):
@@ -259,11 +327,17 @@ def _soft_kernel(logits, labels, smoothing, softcap, scale, step, loss, grad, ac
         loss[i] = label_total * lse - dot
         if grad is not None:
             g = acc(scale[i * step])
-            coef = g * label_total
             grad_row = grad[i]
-            for j in range(count):
-                offset = g * (keep * acc(nm.load(targets[j])) + share)
-                grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, lse, softcap, acc), grad)
+            if keep_exp:
+                factor = g * label_total * inv_sum
+                for j in range(count):
+                    y = keep * acc(nm.load(targets[j])) + share
+                    grad_row[j] = nm.store(nm.load(grad_row[j]) * factor - g * y, grad)
+            else:
+                coef = g * label_total
+                for j in range(count):
+                    offset = g * (keep * acc(nm.load(targets[j])) + share)
+                    grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, lse, softcap, acc), grad)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -318,7 +392,8 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
     weights = np.ones(count, dtype=acc) if class_weight is None else class_weight.astype(acc)
     _sparse_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index), weights,
                    acc(weights.sum()), acc(label_smoothing), acc(z_loss),
-                   None if softcap is None else acc(softcap), scale, step, loss, grad_view, acc)
+                   None if softcap is None else acc(softcap), scale, step,
+                   _keeps_exp(logits, softcap), loss, grad_view, acc)
     return loss, grad
 
 
@@ -331,7 +406,8 @@ def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale):
         grad, grad_view = _new_like(logits)
         scale, step = _scale_and_step(grad_scale, rows)
     _soft_kernel(_kernel_view(logits), _kernel_view(labels), acc(label_smoothing),
-                 None if softcap is None else acc(softcap), scale, step, loss, grad_view, acc)
+                 None if softcap is None else acc(softcap), scale, step, _keeps_exp(logits, softcap),
+                 loss, grad_view, acc)
     return loss, grad
 
 
