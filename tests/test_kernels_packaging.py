@@ -1,0 +1,414 @@
+"""kernels/ ships in the wheel, compiles, and agrees with the loader that launches it.
+
+None of these needs a GPU:
+
+* the wheel holds every ``.cu``/``.cuh`` under ``fastxent/kernels/``, and the loader of a
+  non-editable install finds them through ``importlib.resources``;
+* ``ci/check_kernels.sh`` compiles every instantiation of the dtype table with nvcc for
+  sm_80 and sm_90 (where nvcc is installed; so CI compiles every kernel);
+* the dtype table names exactly the kernels the sources define;
+* every launch the backend makes -- through the public API, on each launch path --
+  passes arguments whose count, kinds (pointer, int64, double, int32) and pointer dtypes
+  match the kernel's C++ parameter list. CuPy does not check this (a mismatch is a silent
+  wrong result), so a fake CuPy module records the launches here, on numpy memory.
+"""
+
+import importlib.util
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+
+import numpy as np
+import pytest
+
+import fastxent as fx
+from fastxent.backends import cupy_cuda
+from tests.support import BF16
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KERNEL_DIR = ROOT / "kernels"
+KERNEL_FILES = sorted(p.name for p in KERNEL_DIR.iterdir() if p.suffix in (".cu", ".cuh"))
+
+
+# ----------------------------------------------------------------------------
+# Packaging
+# ----------------------------------------------------------------------------
+
+def _setuptools_is_recent():
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    major = int(setuptools.__version__.split(".")[0])
+    return major >= 77  # PEP 639 license strings (pyproject's license = "MIT")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """A wheel built from a copy of the project (the checkout stays free of build/)."""
+    source = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy2(ROOT / name, source / name)
+    if not (source / "README.md").exists():
+        (source / "README.md").write_text("fastxent\n")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "fastxent", source / "fastxent", ignore=ignore)
+    shutil.copytree(KERNEL_DIR, source / "kernels", ignore=ignore)
+    out = tmp_path_factory.mktemp("wheel")
+    command = [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-w", str(out), "-q"]
+    if _setuptools_is_recent():
+        command.insert(-1, "--no-build-isolation")  # offline: build with this interpreter's setuptools
+    result = subprocess.run(command, capture_output=True, text=True, cwd=source)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    wheels = sorted(out.glob("fastxent-*.whl"))
+    assert wheels, f"no wheel in {out}: {list(out.iterdir())}"
+    return wheels[-1]
+
+
+def test_wheel_ships_every_kernel_source(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    missing = [f"fastxent/kernels/{name}" for name in KERNEL_FILES if f"fastxent/kernels/{name}" not in names]
+    assert not missing, f"{wheel.name} lacks {missing}"
+    assert "fastxent/kernels/__init__.py" in names
+    assert "fastxent/backends/cupy_cuda.py" in names
+
+
+def test_installed_wheel_loader_finds_the_kernels(wheel, tmp_path):
+    """A non-editable install: the loader reads the sources from the installed package."""
+    target = tmp_path / "site"
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                             str(wheel)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    script = (
+        "import sys; from fastxent.backends import cupy_cuda as m\n"
+        "src = m.kernel_source('softmax_rows.cu')\n"
+        "assert 'sparse_xent_rows' in src and 'struct Online' in src and '#include' not in src, src[:200]\n"
+        "print(m.kernel_dir()); assert 'cupy' not in sys.modules\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(target))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert str(target) in result.stdout, f"loaded the kernels from {result.stdout.strip()}, not the install"
+
+
+def test_source_tree_loader_inlines_includes_once():
+    for filename in {f for f, _ in cupy_cuda.instantiations()}:
+        source = cupy_cuda.kernel_source(filename)
+        assert "#include" not in source
+        assert source.count("namespace fx {") >= 2
+        assert source.count("struct Online {") == 1, "fx_formulas.cuh inlined more than once"
+
+
+def test_importing_the_backend_does_not_import_cupy():
+    script = "import sys; import fastxent.backends.cupy_cuda; assert 'cupy' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
+                    reason="nvcc is not installed: the CUDA compile check needs the CUDA toolkit")
+def test_every_kernel_instantiation_compiles():
+    """bash ci/check_kernels.sh: nvcc -ptx for sm_80 and sm_90, warnings as errors."""
+    result = subprocess.run(["bash", "ci/check_kernels.sh", "--nvrtc-arch", "90"], capture_output=True,
+                            text=True, cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable))
+    print(result.stdout[-4000:])
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+    assert "check_kernels: OK" in result.stdout
+
+
+# ----------------------------------------------------------------------------
+# The dtype table and the sources agree
+# ----------------------------------------------------------------------------
+
+KERNEL_DEF = re.compile(
+    r"template\s*<([^>]*)>\s*__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(([^)]*)\)",
+    re.S)
+
+
+def kernel_signatures():
+    """kernel -> (template parameter names, [(C++ type, name), ...]) parsed from kernels/*.cu."""
+    signatures = {}
+    for path in sorted(KERNEL_DIR.glob("*.cu")):
+        for template, name, params in KERNEL_DEF.findall(path.read_text()):
+            names = [t.split()[-1] for t in template.split(",")]
+            parsed = []
+            for param in params.split(","):
+                param = " ".join(param.split())
+                ctype, pname = param.rsplit(" ", 1)
+                while pname.startswith("*"):
+                    ctype, pname = ctype + "*", pname[1:]
+                parsed.append((ctype.replace(" *", "*"), pname))
+            signatures[name] = (path.name, names, parsed)
+    return signatures
+
+
+def test_dtype_table_matches_the_sources():
+    signatures = kernel_signatures()
+    assert set(signatures) == set(cupy_cuda.KERNELS), "KERNELS and the __global__ templates in kernels/ differ"
+    for kernel, (filename, kinds) in cupy_cuda.KERNELS.items():
+        assert signatures[kernel][0] == filename, kernel
+        assert len(signatures[kernel][1]) == len(kinds), (kernel, signatures[kernel][1], kinds)
+    header = (KERNEL_DIR / "fx_common.cuh").read_text()
+    bound = int(re.search(r"GROUP_BLOCK_THREADS\s*=\s*(\d+)", header).group(1))
+    assert cupy_cuda.GROUP_BLOCK_THREADS <= bound
+    assert len(cupy_cuda.instantiations()) == len(set(cupy_cuda.instantiations()))
+
+
+# ----------------------------------------------------------------------------
+# Every launch matches its kernel's parameter list (fake CuPy on numpy memory)
+# ----------------------------------------------------------------------------
+
+class FakeDeviceArray(np.ndarray):
+    """numpy memory that looks like a CuPy array to fastxent (device 0)."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False), "version": 3}
+
+    def get(self):
+        return np.array(self)
+
+
+def _fake(value):
+    if isinstance(value, np.ndarray) and not isinstance(value, FakeDeviceArray):
+        return value.view(FakeDeviceArray)
+    return value
+
+
+class FakeCupy(types.ModuleType):
+    """Enough of CuPy for fastxent's device path: numpy functions returning fake device arrays."""
+
+    ndarray = FakeDeviceArray
+
+    def __init__(self):
+        super().__init__("cupy")
+        self.__version__ = "fake"
+        device = type("Device", (), {"__init__": lambda self, i=0: setattr(self, "id", i),
+                                     "__enter__": lambda self: self, "__exit__": lambda self, *a: False,
+                                     "synchronize": lambda self: None})
+        self.cuda = types.SimpleNamespace(Device=device)
+
+    def __getattr__(self, name):
+        function = getattr(np, name)
+        if not callable(function):
+            return function
+
+        def wrapped(*args, **kwargs):
+            result = function(*args, **kwargs)
+            if isinstance(result, tuple):
+                return tuple(_fake(r) for r in result)
+            return _fake(result)
+
+        return wrapped
+
+
+ACC = {"float16": "float32", "bfloat16": "float32", "float32": "float32", "float64": "float64"}
+
+
+class Recorder:
+    """Stands in for a compiled kernel: checks each launch against the C++ parameters."""
+
+    def __init__(self, kernel, params, launches):
+        self.kernel, self.params, self.launches = kernel, params, launches
+        self.max_dynamic_shared_size_bytes = 0
+        _, self.template_names, self.signature = kernel_signatures()[kernel]
+
+    def dtype_of(self, ctype):
+        """The numpy dtype name a pointer parameter of C++ type ``ctype`` must point to."""
+        base = ctype.replace("const ", "").rstrip("*").strip()
+        values = dict(zip(self.template_names, self.params))
+        score = values.get("T")
+        if base in ("acc_t<T>", "SparseStats<acc_t<T>>"):
+            return ACC[score]
+        if base in values:
+            return values[base] if base != "D" else values["D"]
+        return {"double": "float64", "int": "int32", "i64": "int64", "bool": "bool"}[base]
+
+    def __call__(self, grid, block, args, shared_mem=0):
+        self.launches.append((self.kernel, self.params, grid, block, shared_mem))
+        where = f"{self.kernel}{self.params}"
+        assert len(args) == len(self.signature), (
+            f"{where}: {len(args)} arguments for {len(self.signature)} parameters {self.signature}")
+        for arg, (ctype, pname) in zip(args, self.signature):
+            if ctype.endswith("*"):
+                if isinstance(arg, np.uint64):
+                    assert int(arg) == 0, f"{where}: {pname} is a non-NULL integer"
+                    assert pname in {"class_weight", "scale", "grad", "pos_weight", "lse_out", "out"}, (
+                        f"{where}: NULL passed for {pname}, which the kernel always uses")
+                    continue
+                assert isinstance(arg, FakeDeviceArray), f"{where}: {pname} ({ctype}) got {type(arg).__name__}"
+                assert arg.dtype.name == self.dtype_of(ctype), (
+                    f"{where}: {pname} ({ctype}) points to {arg.dtype.name}, expected {self.dtype_of(ctype)}")
+                assert arg.flags.c_contiguous, f"{where}: {pname} is not C-contiguous"
+            else:
+                expected = {"i64": np.int64, "double": np.float64, "int": np.int32}[ctype]
+                assert type(arg) is expected, f"{where}: {pname} ({ctype}) got {type(arg).__name__}"
+        grid = tuple(grid)
+        threads = int(block[0])
+        assert all(int(g) >= 1 for g in grid), f"{where}: grid {grid}"
+        group = dict(zip(self.template_names, self.params)).get("G")
+        limit = 1024 if group in (None, 0) else cupy_cuda.GROUP_BLOCK_THREADS
+        if self.kernel.endswith("_elems"):
+            limit = 256
+        if self.kernel == "sparse_xent_merge":
+            limit = cupy_cuda.GROUP_BLOCK_THREADS
+        assert threads % 32 == 0 and 32 <= threads <= limit, f"{where}: block {block}"
+        if group:
+            assert threads % group == 0, f"{where}: block {threads} not a multiple of G = {group}"
+        if shared_mem:
+            assert self.max_dynamic_shared_size_bytes >= shared_mem, f"{where}: smem attribute not raised"
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Route the CUDA backend to fake CuPy and recorded kernels; yields the launch log."""
+    log = []
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy())
+
+    def fake_get_kernel(kernel, *params):
+        cupy_cuda.name_expression(kernel, *params)  # the instantiation must exist in the table
+        names = tuple(p if isinstance(p, int) and not isinstance(p, bool) else cupy_cuda._dtype_name(p)
+                      for p in params)
+        return Recorder(kernel, names, log)
+
+    monkeypatch.setattr(cupy_cuda, "get_kernel", fake_get_kernel)
+    monkeypatch.setattr(cupy_cuda, "device_info", lambda device_id: cupy_cuda.DeviceInfo(
+        sms=132, l2_bytes=50 * 2**20, max_threads_per_sm=2048, smem_per_sm=233472,
+        smem_per_block_optin=232448, smem_reserved_per_block=1024))
+    return log
+
+
+def dev(array):
+    return np.ascontiguousarray(array).view(FakeDeviceArray)
+
+
+FAKE_DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), BF16]
+
+
+@pytest.mark.parametrize("dtype", FAKE_DTYPES, ids=[d.name for d in FAKE_DTYPES])
+@pytest.mark.parametrize("shape", [(6, 3), (5, 423), (140, 5003), (4, 262144)],
+                         ids=["g8", "warp", "block", "split"])
+def test_every_launch_matches_its_kernel(launches, dtype, shape):
+    rng = np.random.default_rng(0)
+    n, c = shape
+    x = dev(rng.standard_normal(shape).astype(dtype))
+    labels = dev(rng.integers(0, c, n))
+    labels32 = dev(rng.integers(0, c, n).astype(np.int32))
+    soft = dev(rng.random(shape).astype(np.float32))
+    weights = rng.uniform(0.5, 2.0, c)
+    go = dev(rng.standard_normal(n).astype(np.float32))
+    for kwargs in ({}, {"return_grad": True}, {"return_grad": True, "grad_output": go},
+                   {"ignore_index": -100, "class_weight": weights, "label_smoothing": 0.1, "z_loss": 1e-4,
+                    "softcap": 5.0, "reduction": "mean", "return_grad": True}):
+        fx.sparse_softmax_cross_entropy(x, labels, **kwargs)
+    fx.sparse_softmax_cross_entropy(x, labels32, return_grad=True)
+    fx.softmax_cross_entropy(x, soft, label_smoothing=0.1, softcap=3.0, return_grad=True)
+    fx.softmax_cross_entropy(x, dev(rng.random(shape) < 0.5), return_grad=True)  # bool labels: cast kernel
+    fx.softmax_cross_entropy(x, soft)
+    for fn in ("logsumexp", "log_softmax", "softmax"):
+        getattr(fx, fn)(x)
+    fx.softmax_cross_entropy_hvp(x, x)
+    fx.softmax_cross_entropy_hvp(x, dev(rng.standard_normal(shape)))
+    fx.score(x, labels, ignore_index=-100)
+    fx.score(x, dev(rng.integers(0, c, n).astype(np.uint8)))
+    probs = dev(rng.random(shape).astype(dtype))
+    fx.categorical_cross_entropy(probs, soft, return_grad=True, label_smoothing=0.1)
+    fx.categorical_cross_entropy(probs, soft)
+    fx.sparse_categorical_cross_entropy(probs, labels, ignore_index=-100, return_grad=True)
+    fx.sparse_categorical_cross_entropy(probs, labels)
+    for pos_weight in (None, 2.0, rng.uniform(0.5, 2, c), rng.uniform(0.5, 2, shape)):
+        fx.sigmoid_cross_entropy(x, soft, pos_weight=pos_weight, label_smoothing=0.1, return_grad=True)
+        fx.sigmoid_cross_entropy(x, soft, pos_weight=pos_weight)
+        fx.sigmoid_cross_entropy_hessian_diag(x, soft, pos_weight=pos_weight)
+    fx.binary_cross_entropy(probs, soft, return_grad=True, label_smoothing=0.2)
+    fx.binary_cross_entropy(probs, soft)
+    kernels = {entry[0] for entry in launches}
+    expected = {"softmax_rows", "hvp_rows", "score_rows", "soft_xent_rows", "categorical_rows",
+                "sparse_categorical_rows", "sigmoid_xent_elems", "sigmoid_hess_elems", "binary_xent_elems",
+                "cast_elems"}
+    expected |= ({"sparse_xent_partial", "sparse_xent_merge", "sparse_xent_split_grad"} if shape == (4, 262144)
+                 else {"sparse_xent_rows"})
+    assert expected <= kernels, f"not launched: {expected - kernels}"
+    groups = {entry[1][-1] for entry in launches if entry[0] == "softmax_rows"}
+    assert groups == {8 if c <= 64 else 32 if c <= 1024 else 0}
+
+
+def test_fused_launch_beyond_the_l2_budget_caps_residency(launches):
+    """200 rows x 50257 float32 (201 KB a row): 2 blocks per SM would hold 53 MB of rows."""
+    rng = np.random.default_rng(2)
+    x = dev(rng.standard_normal((200, 50257)).astype(np.float32))
+    labels = dev(rng.integers(0, 50257, 200))
+    fx.sparse_softmax_cross_entropy(x, labels)
+    fx.sparse_softmax_cross_entropy(x, labels, return_grad=True)
+    smem = [entry[4] for entry in launches if entry[0] == "sparse_xent_rows"]
+    assert smem[0] == 0, "a forward reads each row once: no cap"
+    assert smem[1] > 0, "the fused kernel re-reads its rows: residency capped to fit the L2"
+
+
+def test_inplace_and_misaligned_backend_calls(launches):
+    rng = np.random.default_rng(1)
+    base = dev(rng.standard_normal(5 * 1000 + 1).astype(np.float32))
+    x = base[1:].reshape(5, 1000)
+    labels = dev(rng.integers(0, 1000, 5))
+    grad_scale = dev(np.ones(5))
+    loss, grad = cupy_cuda.sparse_softmax_cross_entropy(x, labels, None, None, 0.0, 0.0, None, grad_scale,
+                                                        inplace=True)
+    assert grad is x
+    assert cupy_cuda.vec_ok(4, x, grad) == 1
+    assert cupy_cuda.vec_ok(4, x, dev(np.empty((5, 1000), np.float32))) == 0
+    loss, grad = cupy_cuda.softmax_cross_entropy(x, dev(rng.random((5, 1000)).astype(np.float32)), 0.0, None, 1.0,
+                                                 inplace=True)
+    assert grad is x
+
+
+def test_empty_inputs_launch_nothing(launches):
+    x = dev(np.zeros((0, 7), np.float32))
+    labels = dev(np.zeros(0, np.int64))
+    loss, grad = fx.sparse_softmax_cross_entropy(x, labels, return_grad=True)
+    assert loss.shape == (0,) and grad.shape == (0, 7)
+    fx.sigmoid_cross_entropy(dev(np.zeros((0,), np.float32)), dev(np.zeros((0,), np.float32)), return_grad=True)
+    assert launches == []
+
+
+def test_split_and_row_plans():
+    info = cupy_cuda.DeviceInfo(sms=132, l2_bytes=50 * 2**20, max_threads_per_sm=2048, smem_per_sm=233472,
+                                smem_per_block_optin=232448, smem_reserved_per_block=1024)
+    assert cupy_cuda.split_plan(4, 262144, info) == cupy_cuda.SplitPlan(64, 4096)
+    assert cupy_cuda.split_plan(8192, 128256, info) is None
+    assert cupy_cuda.split_plan(4, 1000, info) is None
+    assert cupy_cuda.row_plan(1_000_000, 10, 40, info, True).group == 8
+    assert cupy_cuda.row_plan(65536, 1000, 4000, info, True).group == 32
+    plan = cupy_cuda.row_plan(8192, 128256, 128256 * 2, info, True)
+    assert plan.group == 0 and plan.threads == 1024
+    # 132 SMs x 2 blocks x 256.5 KB > 0.75 x 50 MB: one block per SM, enforced with shared memory
+    assert plan.smem > 0
+    assert 1 * (plan.smem + 1024) <= info.smem_per_sm < 2 * (plan.smem + 1024)
+    assert cupy_cuda.row_plan(8192, 128256, 128256 * 2, info, False).smem == 0
+    assert cupy_cuda.row_plan(8192, 4096, 4096 * 4, info, True).smem == 0
+
+
+def test_every_python_path_is_importable_without_cupy():
+    assert importlib.util.find_spec("fastxent.backends.cupy_cuda") is not None
+    for kernel in cupy_cuda.KERNELS:
+        assert cupy_cuda.name_expression(kernel, *[
+            {"score": "float32", "label": "int64", "dense": "float32", "group": 0, "source": "bool",
+             "acc": "float32"}[k] for k in cupy_cuda.KERNELS[kernel][1]]).startswith(f"fx::{kernel}<")
