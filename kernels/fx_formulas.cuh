@@ -67,6 +67,19 @@ template <class A> __device__ __forceinline__ A softcap(A x, A cap, A& slope) {
 template <class A> __device__ __forceinline__ A row_anchor(A z0) { return is_finite(z0) ? z0 : A(0); }
 
 // ----------------------------------------------------------------------------
+// The row's log-normaliser, kept split as lse = m + log_s: z - lse is evaluated as
+// (z - m) - log_s, whose first difference is exact for nearby values (Sterbenz), so rows of
+// large scores keep their accuracy (|z| ~ 1e4: ulp(1e4) in float32 is 1e-3, which
+// z - (m + log s) would put into every probability and every loss term).
+// ----------------------------------------------------------------------------
+
+template <class A> struct LogNorm {
+    A m, log_s;
+    __device__ A lse() const { return m + log_s; }
+    __device__ A log_prob(A z) const { return (z - m) - log_s; }
+};
+
+// ----------------------------------------------------------------------------
 // Online softmax statistics (Milakov & Gimelshein 2018, "Online normalizer calculation
 // for softmax", arXiv:1805.02867): a running max m and s = sum exp(z - m), updated one
 // score at a time and merged pairwise, so the forward reads each score once.
@@ -105,10 +118,18 @@ template <class A> struct Online {
         return o;
     }
 
-    // The losses' lse (reference._lse): NaN for NaN / +inf (s is NaN) and all -inf rows.
-    __device__ A lse_rows() const { return m == -inf<A>() ? nan<A>() : m + acc_log(s); }
+    // The losses' normaliser (reference._lse, the row rule): log_s is NaN for a NaN or +inf
+    // row (s is NaN) and for an all -inf row, so lse and every log-probability are NaN there.
+    // log_softmax and softmax use it too (reference: NaN rows as torch's).
+    __device__ LogNorm<A> norm_rows() const {
+        LogNorm<A> n;
+        n.m = m;
+        n.log_s = m == -inf<A>() ? nan<A>() : acc_log(s);
+        return n;
+    }
 
-    // torch's logsumexp (reference._logsumexp): the row max when it is +-inf.
+    // torch's logsumexp (reference._logsumexp, fastxent.logsumexp only): the row max when
+    // it is +-inf (-inf for an all -inf row, +inf for +inf without NaN).
     __device__ A lse_torch() const { return (m == inf<A>() || m == -inf<A>()) ? m : m + acc_log(s); }
 };
 
@@ -121,6 +142,7 @@ template <class A> struct Online {
 //            = xy((1-eps) w_y, lse - z_y) + (eps/C) (W (lse - anchor) - sum_c w_c (z_c - anchor))
 //              + z_loss lse^2
 //     grad_c = (p_c (T + 2 z_loss lse) - a_c) dz_c/dx_c * scale,   p_c = exp(z_c - lse)
+//   with lse - z as (m - z) + log_s (LogNorm).
 // ----------------------------------------------------------------------------
 
 // Running statistics of a row: the online softmax and, when eps > 0, wz = sum_c w_c (z_c - anchor)
@@ -155,11 +177,12 @@ template <class A> struct SparseRow {
 };
 
 template <class A>
-__device__ __forceinline__ A sparse_xent_loss(const SparseRow<A>& r, A lse, A zy, A wz) {
+__device__ __forceinline__ A sparse_xent_loss(const SparseRow<A>& r, LogNorm<A> n, A zy, A wz) {
     // The reference forms T * lse - sum_c xy(a_c, z_c): NaN whenever lse is, even when T = 0.
+    const A lse = n.lse();
     if (lse != lse) return lse;
-    A loss = xy((A(1) - r.eps) * r.wy, lse - zy);
-    if (r.eps > A(0)) loss += r.eps_c * (r.W * (lse - r.anchor) - wz);
+    A loss = xy((A(1) - r.eps) * r.wy, -n.log_prob(zy));  // lse - z_y
+    if (r.eps > A(0)) loss += r.eps_c * (r.W * ((n.m - r.anchor) + n.log_s) - wz);
     return loss + r.z_loss * lse * lse;
 }
 
@@ -170,10 +193,11 @@ template <class A> __device__ __forceinline__ A sparse_xent_p_coef(const SparseR
 
 // d loss / d x_c for a kept row; w_c is the class weight of c (1 without weights).
 template <class A>
-__device__ __forceinline__ A sparse_xent_grad(const SparseRow<A>& r, i64 c, A x, A w_c, A lse, A p_coef, A scale) {
+__device__ __forceinline__ A sparse_xent_grad(const SparseRow<A>& r, i64 c, A x, A w_c, LogNorm<A> n, A p_coef,
+                                              A scale) {
     A dz;
     const A z = softcap(x, r.cap, dz);
-    const A p = fast_exp(z - lse);
+    const A p = fast_exp(n.log_prob(z));
     const A a = r.eps_c * w_c + (c == r.y ? (A(1) - r.eps) * r.wy : A(0));
     return (p * p_coef - a) * dz * scale;
 }
@@ -207,16 +231,17 @@ template <class A> struct SoftStats {
     }
 };
 
-template <class A> __device__ __forceinline__ A soft_xent_loss(A lse, A t, A yz, A anchor) {
+template <class A> __device__ __forceinline__ A soft_xent_loss(LogNorm<A> n, A t, A yz, A anchor) {
+    const A lse = n.lse();
     if (lse != lse) return lse;  // T * NaN in the reference, whatever T is
-    return t * (lse - anchor) - yz;
+    return t * ((n.m - anchor) + n.log_s) - yz;
 }
 
 template <class A>
-__device__ __forceinline__ A soft_xent_grad(A x, A ys, A cap, A lse, A t, A scale) {
+__device__ __forceinline__ A soft_xent_grad(A x, A ys, A cap, LogNorm<A> n, A t, A scale) {
     A dz;
     const A z = softcap(x, cap, dz);
-    return (fast_exp(z - lse) * t - ys) * dz * scale;
+    return (fast_exp(n.log_prob(z)) * t - ys) * dz * scale;
 }
 
 // ----------------------------------------------------------------------------
@@ -297,8 +322,8 @@ template <class A> struct HvpStats {
     }
 };
 
-template <class A> __device__ __forceinline__ A hvp_value(A z, A v, A lse, A pdotv) {
-    const A p = fast_exp(z - lse);
+template <class A> __device__ __forceinline__ A hvp_value(A z, A v, LogNorm<A> n, A pdotv) {
+    const A p = fast_exp(n.log_prob(z));
     return p * v - p * pdotv;
 }
 

@@ -91,13 +91,13 @@ __device__ __forceinline__ void sparse_accumulate(SparseStats<A>& st, const Spar
 // This thread's share of the gradient over classes [c0, c1) of a kept row.
 template <class A, class T>
 __device__ __forceinline__ void sparse_gradient(const SparseRow<A>& r, const T* xr, T* gr, i64 c0, i64 c1,
-                                                const double* class_weight, A lse, A scale,
+                                                const double* class_weight, LogNorm<A> n, A scale,
                                                 i64 lane, i64 width, bool vec_ok) {
-    const A p_coef = sparse_xent_p_coef(r, lse);
+    const A p_coef = sparse_xent_p_coef(r, n.lse());
     const bool weighted = r.eps > A(0) && class_weight != nullptr;
     row_apply<A, true, true>(c0, c1, xr, (const None*)nullptr, gr, (None*)nullptr,
                              lane, width, vec_ok, [&](i64 c, A xv, A, A& out, A&) {
-        out = sparse_xent_grad(r, c, xv, weighted ? (A)class_weight[c] : A(1), lse, p_coef, scale);
+        out = sparse_xent_grad(r, c, xv, weighted ? (A)class_weight[c] : A(1), n, p_coef, scale);
     });
 }
 
@@ -131,12 +131,12 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_xent_rows(
         st.init();
         sparse_accumulate(st, r, xr, 0, C, class_weight, g.lane, g.width, vec_ok);
         st = g.reduce(st);
-        const A lse = st.sm.lse_rows();
+        const LogNorm<A> n = st.sm.norm_rows();
         const A zy = softcap(to_acc<A>(xr[r.y]), r.cap);
-        if (g.leader()) loss[row] = sparse_xent_loss(r, lse, zy, st.wz);
+        if (g.leader()) loss[row] = sparse_xent_loss(r, n, zy, st.wz);
         if (gr != nullptr) {
             g.sync();  // inplace: x[row, y] is read by every thread before any gradient store
-            sparse_gradient(r, xr, gr, 0, C, class_weight, lse, scale_at<A>(scale, scale_value, row),
+            sparse_gradient(r, xr, gr, 0, C, class_weight, n, scale_at<A>(scale, scale_value, row),
                             g.lane, g.width, vec_ok);
         }
     }
@@ -169,12 +169,12 @@ __global__ void __launch_bounds__(1024) sparse_xent_partial(
 }
 
 // One warp per row (blockDim.x / 32 rows a block): merges the row's partials, writes
-// loss[row] and row_lse[row] (read by sparse_xent_split_grad), raises the label flag.
+// loss[row] and row_norm[row] (read by sparse_xent_split_grad), raises the label flag.
 template <class T, class L>
 __global__ void __launch_bounds__(GROUP_BLOCK_THREADS) sparse_xent_merge(
         const T* x, const L* labels, i64 N, i64 C, i64 splits, const double* class_weight, double weight_sum,
         double eps, double z_loss, double cap, i64 ignore_index, int has_ignore,
-        const SparseStats<acc_t<T>>* partial, acc_t<T>* row_lse, acc_t<T>* loss, int* bad_label) {
+        const SparseStats<acc_t<T>>* partial, LogNorm<acc_t<T>>* row_norm, acc_t<T>* loss, int* bad_label) {
     using A = acc_t<T>;
     const Group<32> g;
     for (i64 row = g.first_row; row < N; row += g.row_stride) {
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(GROUP_BLOCK_THREADS) sparse_xent_merge(
             if (g.leader()) {
                 if (status == LABEL_BAD) raise_flag(bad_label);
                 loss[row] = status == LABEL_IGNORED ? A(0) : nan<A>();
-                row_lse[row] = nan<A>();
+                row_norm[row] = LogNorm<A>{nan<A>(), nan<A>()};
             }
             continue;
         }
@@ -194,21 +194,21 @@ __global__ void __launch_bounds__(GROUP_BLOCK_THREADS) sparse_xent_merge(
         st.init();
         for (i64 j = g.lane; j < splits; j += g.width) st = SparseStats<A>::merge(st, partial[row * splits + j]);
         st = g.reduce(st);
-        const A lse = st.sm.lse_rows();
+        const LogNorm<A> n = st.sm.norm_rows();
         const A zy = softcap(to_acc<A>(xr[r.y]), r.cap);
         if (g.leader()) {
-            loss[row] = sparse_xent_loss(r, lse, zy, st.wz);
-            row_lse[row] = lse;
+            loss[row] = sparse_xent_loss(r, n, zy, st.wz);
+            row_norm[row] = n;
         }
     }
 }
 
-// Gradient of chunk blockIdx.x of row blockIdx.y, from the merged lse.
+// Gradient of chunk blockIdx.x of row blockIdx.y, from the merged normaliser.
 template <class T, class L>
 __global__ void __launch_bounds__(1024) sparse_xent_split_grad(
         const T* x, const L* labels, i64 C, i64 chunk, const double* class_weight, double weight_sum,
         double eps, double z_loss, double cap, i64 ignore_index, int has_ignore,
-        const acc_t<T>* row_lse, const double* scale, double scale_value, T* grad, int vec_ok) {
+        const LogNorm<acc_t<T>>* row_norm, const double* scale, double scale_value, T* grad, int vec_ok) {
     using A = acc_t<T>;
     const i64 row = blockIdx.y, split = blockIdx.x;
     const T* xr = x + row * C;
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(1024) sparse_xent_split_grad(
         fill_range(gr, c0, c1, A(0) * scale_row, (i64)threadIdx.x, (i64)blockDim.x);
         return;
     }
-    sparse_gradient(r, xr, gr, c0, c1, class_weight, row_lse[row], scale_row, (i64)threadIdx.x,
+    sparse_gradient(r, xr, gr, c0, c1, class_weight, row_norm[row], scale_row, (i64)threadIdx.x,
                     (i64)blockDim.x, vec_ok);
 }
 
@@ -249,22 +249,24 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) soft_xent_rows(
             st.add(softcap(xv, cp), smooth_label(yv, e, e_c), anchor);
         });
         st = g.reduce(st);
-        const A lse = st.sm.lse_rows();
-        if (g.leader()) loss[row] = soft_xent_loss(lse, st.t, st.yz, anchor);
+        const LogNorm<A> n = st.sm.norm_rows();
+        if (g.leader()) loss[row] = soft_xent_loss(n, st.t, st.yz, anchor);
         if (gr != nullptr) {
             g.sync();  // inplace: x[row, 0] is read by every thread before any gradient store
             const A sc = scale_at<A>(scale, scale_value, row);
             const A t = st.t;
             row_apply<A, true, true>(0, C, xr, yr, gr, (None*)nullptr, g.lane, g.width, vec_ok,
                                      [&](i64, A xv, A yv, A& out, A&) {
-                out = soft_xent_grad(xv, smooth_label(yv, e, e_c), cp, lse, t, sc);
+                out = soft_xent_grad(xv, smooth_label(yv, e, e_c), cp, n, t, sc);
             });
         }
     }
 }
 
 // ============================================================================
-// logsumexp (mode 0) / log_softmax (mode 1) / softmax (mode 2), torch's non-finite rules
+// logsumexp (mode 0) / log_softmax (mode 1) / softmax (mode 2). Non-finite rows as the
+// reference: logsumexp follows torch (-inf all -inf, +inf with +inf); log_softmax and
+// softmax are NaN in a row holding NaN or +inf or entirely -inf (the row rule)
 // ============================================================================
 // mode 0 writes lse_out (N,) in acc_t<T>; modes 1 and 2 write out (N, C) in T.
 
@@ -285,15 +287,17 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) softmax_rows(
             st.push(xv, e);
         });
         st = g.reduce(st);
-        const A lse = st.lse_torch();
         if (mode == MODE_LOGSUMEXP) {
-            if (g.leader()) lse_out[row] = lse;
+            if (g.leader()) lse_out[row] = st.lse_torch();
             continue;
         }
+        const LogNorm<A> n = st.norm_rows();
         T* orow = out + row * C;
         const bool log_space = mode == MODE_LOG_SOFTMAX;
         row_apply<A, true, true>(0, C, xr, (const None*)nullptr, orow, (None*)nullptr, g.lane, g.width, vec_ok,
-                                 [&](i64, A xv, A, A& o, A&) { o = log_space ? xv - lse : fast_exp(xv - lse); });
+                                 [&](i64, A xv, A, A& o, A&) {
+            o = log_space ? n.log_prob(xv) : fast_exp(n.log_prob(xv));
+        });
     }
 }
 
@@ -313,10 +317,10 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) hvp_rows(const T* x, co
         row_apply<A, false, false>(0, C, xr, vr, (None*)nullptr, (None*)nullptr, g.lane, g.width, vec_ok,
                                    [&](i64, A xv, A vv, A&, A&) { st.add(xv, vv); });
         st = g.reduce(st);
-        const A lse = st.sm.lse_rows();
+        const LogNorm<A> n = st.sm.norm_rows();
         const A pdotv = st.pv / st.sm.s;
         row_apply<A, true, true>(0, C, xr, vr, out + row * C, (None*)nullptr, g.lane, g.width, vec_ok,
-                                 [&](i64, A xv, A vv, A& o, A&) { o = hvp_value(xv, vv, lse, pdotv); });
+                                 [&](i64, A xv, A vv, A& o, A&) { o = hvp_value(xv, vv, n, pdotv); });
     }
 }
 
@@ -343,12 +347,12 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) score_rows(
                                   vec_ok, [&](i64 c, A xv, A, A&, A&) { st.add(c, xv); });
         st = g.reduce(st);
         if (!g.leader()) continue;
-        const A l = st.sm.lse_rows();
-        lse[row] = l;
+        const LogNorm<A> n = st.sm.norm_rows();
+        lse[row] = n.lse();
         entropy[row] = st.entropy();
         argmax[row] = st.arg;
         if (status == LABEL_KEPT) {
-            const A nll = l - to_acc<A>(xr[y]);  // reference: 1 * lse - sum_c xy(onehot_c, x_c)
+            const A nll = -n.log_prob(to_acc<A>(xr[y]));  // reference: 1 * lse - sum_c xy(onehot_c, x_c)
             loss[row] = nll;
             target_logprob[row] = -nll;
             correct[row] = st.arg == y;

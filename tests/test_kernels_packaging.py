@@ -237,7 +237,7 @@ class Recorder:
         base = ctype.replace("const ", "").rstrip("*").strip()
         values = dict(zip(self.template_names, self.params))
         score = values.get("T")
-        if base in ("acc_t<T>", "SparseStats<acc_t<T>>"):
+        if base in ("acc_t<T>", "SparseStats<acc_t<T>>", "LogNorm<acc_t<T>>"):
             return ACC[score]
         if base in values:
             return values[base] if base != "D" else values["D"]
@@ -412,3 +412,366 @@ def test_every_python_path_is_importable_without_cupy():
         assert cupy_cuda.name_expression(kernel, *[
             {"score": "float32", "label": "int64", "dense": "float32", "group": 0, "source": "bool",
              "acc": "float32"}[k] for k in cupy_cuda.KERNELS[kernel][1]]).startswith(f"fx::{kernel}<")
+
+
+# ----------------------------------------------------------------------------
+# The formulas of fx_formulas.cuh, compiled for the host, against the reference
+# ----------------------------------------------------------------------------
+# The device-function layer (online statistics and their merges, the losses, the
+# gradients, the bfloat16 rounding) is plain arithmetic: with a small shim it compiles
+# as C++ for the CPU. The harness below splits each row among lanes exactly as the
+# kernels do (c = lane, lane + width, ...; a butterfly merge; chunks for the split
+# path) and calls the same device functions; the results are compared with
+# fastxent.reference on adversarial rows. This checks the math without a GPU; the
+# kernels' loops and launches are checked on a device by tests/test_cupy.py.
+
+HOST_SHIM = r"""#include <cmath>
+#include <cstring>
+#include <cstdint>
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__
+#define __shared__ static
+#define asm(...)
+struct uint4 { unsigned x, y, z, w; };
+struct dim3s { unsigned x, y, z; };
+static dim3s threadIdx, blockIdx, blockDim, gridDim;
+inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned i; memcpy(&i, &f, 4); return i; }
+inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); return d; }
+inline float __expf(float x) { return expf(x); }
+template <class T> T __ldcs(const T* p) { return *p; }
+template <class T> void __stcs(T* p, T v) { *p = v; }
+inline int __shfl_xor_sync(unsigned, int v, int, int) { return v; }
+inline int __shfl_sync(unsigned, int v, int, int) { return v; }
+inline void __syncthreads() {}
+inline void __syncwarp(unsigned) {}
+inline int atomicExch(int* p, int v) { int o = *p; *p = v; return o; }
+"""
+
+HOST_HARNESS = r"""#include "fx_formulas.cuh"
+#include <vector>
+using namespace fx;
+
+// Reduce per-lane states like the kernels: lanes own c = lane, lane+width, ...; then a
+// butterfly over lanes (pairs at distance width/2, ...), as warp_reduce does.
+template <class S> S tree(std::vector<S> v) {
+    size_t n = v.size();
+    for (size_t off = n / 2; off > 0; off >>= 1)
+        for (size_t i = 0; i < off; ++i) v[i] = S::merge(v[i], v[i + off]);
+    return v[0];
+}
+
+template <class A>
+void sparse_row(const double* xd, long C, long y, double eps, double zl, double cap, const double* w, int width,
+                double* loss, double* grad, int splits) {
+    std::vector<A> x(C); for (long c = 0; c < C; ++c) x[c] = (A)xd[c];
+    SparseRow<A> r; r.y = y; r.eps = (A)eps; r.eps_c = (A)(eps / C); r.z_loss = (A)zl; r.cap = (A)cap;
+    double Wd = 0; for (long c = 0; c < C; ++c) Wd += w ? w[c] : 1.0; r.W = (A)Wd;
+    r.wy = w ? (A)w[y] : A(1);
+    r.anchor = eps > 0 ? row_anchor(softcap(x[0], r.cap)) : A(0);
+    long chunk = (C + splits - 1) / splits;
+    std::vector<SparseStats<A>> parts;
+    for (int s = 0; s < splits; ++s) {
+        long c0 = s * chunk, c1 = std::min(C, c0 + chunk);
+        std::vector<SparseStats<A>> lanes(width);
+        for (auto& l : lanes) l.init();
+        for (int lane = 0; lane < width; ++lane)
+            for (long c = c0 + lane; c < c1; c += width)
+                lanes[lane].add(softcap(x[c], r.cap), (eps > 0 && w) ? (A)w[c] : A(1), r.eps > 0, r.anchor);
+        parts.push_back(tree(lanes));
+    }
+    SparseStats<A> st; st.init();
+    for (auto& p : parts) st = SparseStats<A>::merge(st, p);
+    LogNorm<A> n = st.sm.norm_rows();
+    A zy = softcap(x[y], r.cap);
+    *loss = sparse_xent_loss(r, n, zy, st.wz);
+    A pc = sparse_xent_p_coef(r, n.lse());
+    for (long c = 0; c < C; ++c)
+        grad[c] = sparse_xent_grad(r, c, x[c], (eps > 0 && w) ? (A)w[c] : A(1), n, pc, A(1));
+}
+
+template <class A>
+void soft_row(const double* xd, const double* yd, long C, double eps, double cap, int width, double* loss, double* grad) {
+    std::vector<A> x(C), yv(C); for (long c = 0; c < C; ++c) { x[c] = (A)xd[c]; yv[c] = (A)yd[c]; }
+    A e = (A)eps, ec = (A)(eps / C), cp = (A)cap;
+    A anchor = row_anchor(softcap(x[0], cp));
+    std::vector<SoftStats<A>> lanes(width); for (auto& l : lanes) l.init();
+    for (int lane = 0; lane < width; ++lane)
+        for (long c = lane; c < C; c += width) lanes[lane].add(softcap(x[c], cp), smooth_label(yv[c], e, ec), anchor);
+    SoftStats<A> st = tree(lanes);
+    LogNorm<A> n = st.sm.norm_rows();
+    *loss = soft_xent_loss(n, st.t, st.yz, anchor);
+    for (long c = 0; c < C; ++c) grad[c] = soft_xent_grad(x[c], smooth_label(yv[c], e, ec), cp, n, st.t, A(1));
+}
+
+template <class A>
+void lse_rows(const double* xd, long C, int width, double* lse_t, double* lse_r, double* logsm) {
+    std::vector<Online<A>> lanes(width); for (auto& l : lanes) l.init();
+    for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) { A e; lanes[lane].push((A)xd[c], e); }
+    Online<A> st = tree(lanes);
+    *lse_t = st.lse_torch(); *lse_r = st.norm_rows().lse();
+    LogNorm<A> n = st.norm_rows();
+    for (long c = 0; c < C; ++c) logsm[c] = n.log_prob((A)xd[c]);
+}
+
+template <class A>
+void score_row(const double* xd, long C, long y, int width, double* out /*loss,lse,tlp,ent,argmax*/) {
+    std::vector<ScoreStats<A>> lanes(width); for (auto& l : lanes) l.init();
+    for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) lanes[lane].add(c, (A)xd[c]);
+    ScoreStats<A> st = tree(lanes);
+    LogNorm<A> n = st.sm.norm_rows();
+    A nll = -n.log_prob((A)xd[y]);
+    out[0] = nll; out[1] = n.lse(); out[2] = -nll; out[3] = st.entropy(); out[4] = (double)st.arg;
+}
+
+template <class A>
+void hvp_row(const double* xd, const double* vd, long C, int width, double* out) {
+    std::vector<HvpStats<A>> lanes(width); for (auto& l : lanes) l.init();
+    for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) lanes[lane].add((A)xd[c], (A)vd[c]);
+    HvpStats<A> st = tree(lanes);
+    LogNorm<A> n = st.sm.norm_rows(); A pdv = st.pv / st.sm.s;
+    for (long c = 0; c < C; ++c) out[c] = hvp_value((A)xd[c], (A)vd[c], n, pdv);
+}
+
+template <class A>
+void categorical_row(const double* pd, const double* yd, long C, double lo, double hi, double eps, int width, double* loss, double* grad) {
+    std::vector<SumStats<A>> lanes(width); for (auto& l : lanes) l.init();
+    for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) lanes[lane].s += (A)pd[c];
+    A s = tree(lanes).s;
+    std::vector<CategoricalStats<A>> cl(width); for (auto& l : cl) l.init();
+    A e = (A)eps, ec = (A)(eps / C);
+    for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) {
+        A term; A g = categorical_dq((A)pd[c], smooth_label((A)yd[c], e, ec), s, (A)lo, (A)hi, term);
+        cl[lane].nll += term; cl[lane].gp += g * (A)pd[c];
+    }
+    CategoricalStats<A> st = tree(cl);
+    *loss = -st.nll;
+    for (long c = 0; c < C; ++c) { A term; A g = categorical_dq((A)pd[c], smooth_label((A)yd[c], e, ec), s, (A)lo, (A)hi, term); grad[c] = categorical_grad(g, s, st.gp, A(1)); }
+}
+
+template <class A>
+void elementwise(const double* xd, const double* zd, const double* qd, long n, double eps, double lo, double hi, double* out /*5n*/) {
+    for (long i = 0; i < n; ++i) {
+        A g; A l = sigmoid_xent((A)xd[i], (A)zd[i], (A)qd[i], (A)eps, A(1), g);
+        out[i] = l; out[n + i] = g; out[2 * n + i] = sigmoid_hessian((A)xd[i], (A)zd[i], (A)qd[i]);
+        A gb; A lb = binary_xent((A)xd[i], (A)zd[i], (A)eps, (A)lo, (A)hi, A(1), gb);
+        out[3 * n + i] = lb; out[4 * n + i] = gb;
+    }
+}
+
+extern "C" {
+void sparse_row_f(const double* x, long C, long y, double eps, double zl, double cap, const double* w, int width, double* loss, double* grad, int splits) { sparse_row<float>(x, C, y, eps, zl, cap, w, width, loss, grad, splits); }
+void sparse_row_d(const double* x, long C, long y, double eps, double zl, double cap, const double* w, int width, double* loss, double* grad, int splits) { sparse_row<double>(x, C, y, eps, zl, cap, w, width, loss, grad, splits); }
+void soft_row_f(const double* x, const double* y, long C, double eps, double cap, int width, double* loss, double* grad) { soft_row<float>(x, y, C, eps, cap, width, loss, grad); }
+void soft_row_d(const double* x, const double* y, long C, double eps, double cap, int width, double* loss, double* grad) { soft_row<double>(x, y, C, eps, cap, width, loss, grad); }
+void lse_rows_f(const double* x, long C, int width, double* a, double* b, double* o) { lse_rows<float>(x, C, width, a, b, o); }
+void lse_rows_d(const double* x, long C, int width, double* a, double* b, double* o) { lse_rows<double>(x, C, width, a, b, o); }
+void score_row_f(const double* x, long C, long y, int width, double* o) { score_row<float>(x, C, y, width, o); }
+void score_row_d(const double* x, long C, long y, int width, double* o) { score_row<double>(x, C, y, width, o); }
+void hvp_row_f(const double* x, const double* v, long C, int width, double* o) { hvp_row<float>(x, v, C, width, o); }
+void hvp_row_d(const double* x, const double* v, long C, int width, double* o) { hvp_row<double>(x, v, C, width, o); }
+void categorical_row_f(const double* p, const double* y, long C, double lo, double hi, double eps, int width, double* l, double* g) { categorical_row<float>(p, y, C, lo, hi, eps, width, l, g); }
+void categorical_row_d(const double* p, const double* y, long C, double lo, double hi, double eps, int width, double* l, double* g) { categorical_row<double>(p, y, C, lo, hi, eps, width, l, g); }
+void elementwise_f(const double* x, const double* z, const double* q, long n, double eps, double lo, double hi, double* o) { elementwise<float>(x, z, q, n, eps, lo, hi, o); }
+void elementwise_d(const double* x, const double* z, const double* q, long n, double eps, double lo, double hi, double* o) { elementwise<double>(x, z, q, n, eps, lo, hi, o); }
+unsigned short bf16_round(float v) { return Narrow<bf16>::from(v).bits; }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def formulas(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler: the host build of fx_formulas.cuh needs g++ or clang++")
+    import ctypes
+
+    work = tmp_path_factory.mktemp("formulas")
+    (work / "harness.cpp").write_text(HOST_SHIM + HOST_HARNESS)
+    library = work / "libfx_formulas.so"
+    result = subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(KERNEL_DIR),
+                             "-o", str(library), str(work / "harness.cpp")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(library))
+
+
+def _dptr(array):
+    import ctypes
+
+    if array is None:
+        return None
+    return np.ascontiguousarray(array, dtype=np.float64).ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+
+
+def _adversarial_rows(num_classes, rng):
+    c = num_classes
+    x = rng.standard_normal((9, c)) * 3
+    x[1] = np.linspace(-1e4, 1e4, c)
+    x[2, ::3] = -np.inf
+    x[3, c // 2] = np.nan
+    x[4] = -np.inf
+    x[5, c - 1] = np.inf
+    x[6] = 0.0
+    x[7, 1] = -np.inf
+    x[8] = 1e4 + rng.standard_normal(c)
+    labels = np.array([0, c - 1, 1, 0, 0, 0, 2 % c, 1, 0])
+    return x, labels
+
+
+def _close(got, expected, what, rtol, atol):
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    ok = np.isclose(got, expected, rtol=rtol, atol=atol, equal_nan=True) | (got == expected)
+    where = np.argwhere(~ok)[:4]
+    assert ok.all(), f"{what}: {np.count_nonzero(~ok)} differ, e.g. " + ", ".join(
+        f"{tuple(int(k) for k in i)}: {got[tuple(i)]!r} vs {expected[tuple(i)]!r}" for i in where)
+
+
+HOST_ACC = {"float": (np.float32, (3e-5, 3e-5)), "double": (np.float64, (1e-9, 1e-9))}
+
+
+@pytest.mark.parametrize("acc", list(HOST_ACC))
+@pytest.mark.parametrize("num_classes", [3, 5, 423, 4099])
+def test_formulas_match_the_reference(formulas, acc, num_classes):
+    import ctypes
+
+    from fastxent import reference as ref
+
+    np_type, (rtol, atol) = HOST_ACC[acc]
+    suffix = acc[0]
+    rng = np.random.default_rng(num_classes)
+    x, labels = _adversarial_rows(num_classes, rng)
+    x = x.astype(np_type).astype(np.float64)
+    scale = np.maximum(np.where(np.isfinite(x), np.abs(x), 0).max(axis=1), 1)
+    weights = rng.uniform(0.0, 2.0, num_classes)
+    weights[1] = 0.0
+    y = rng.random(x.shape)
+    y[2, ::3] = 0
+    y[rng.random(y.shape) < 0.3] = 0
+    y = y.astype(np_type).astype(np.float64)
+    d = ctypes.c_double
+    for width in (1, 8, 32, 256):
+        for splits in (1, 3) if num_classes > 100 else (1,):
+            for opt in ({}, {"eps": 0.1}, {"zl": 1e-3}, {"cap": 4.0}, {"w": weights, "eps": 0.2},
+                        {"eps": 1.0, "w": weights, "zl": 1e-4, "cap": 30.0}):
+                for i in range(x.shape[0]):
+                    loss, grad = d(), np.zeros(num_classes)
+                    getattr(formulas, f"sparse_row_{suffix}")(
+                        _dptr(x[i]), num_classes, int(labels[i]), d(opt.get("eps", 0.0)), d(opt.get("zl", 0.0)),
+                        d(opt.get("cap", 0.0)), _dptr(opt.get("w")), width, ctypes.byref(loss),
+                        grad.ctypes.data_as(ctypes.POINTER(d)), splits)
+                    want_loss, want_grad = ref.sparse_softmax_cross_entropy(
+                        x[i:i + 1], labels[i:i + 1], class_weight=opt.get("w"), label_smoothing=opt.get("eps", 0.0),
+                        z_loss=opt.get("zl", 0.0), softcap=opt.get("cap"), return_grad=True)
+                    what = f"sparse {acc} C={num_classes} width={width} splits={splits} {sorted(opt)} row {i}"
+                    _close(loss.value, want_loss[0], what, rtol, atol * scale[i])
+                    _close(grad, want_grad[0], what + " grad", rtol, atol * scale[i])
+        for opt in ({}, {"eps": 0.1}, {"cap": 5.0}):
+            for i in range(x.shape[0]):
+                loss, grad = d(), np.zeros(num_classes)
+                getattr(formulas, f"soft_row_{suffix}")(
+                    _dptr(x[i]), _dptr(y[i]), num_classes, d(opt.get("eps", 0.0)), d(opt.get("cap", 0.0)), width,
+                    ctypes.byref(loss), grad.ctypes.data_as(ctypes.POINTER(d)))
+                want_loss, want_grad = ref.softmax_cross_entropy(x[i:i + 1], y[i:i + 1], label_smoothing=opt.get(
+                    "eps", 0.0), softcap=opt.get("cap"), return_grad=True)
+                what = f"soft {acc} C={num_classes} width={width} {opt} row {i}"
+                _close(loss.value, want_loss[0], what, rtol, atol * scale[i])
+                _close(grad, want_grad[0], what + " grad", rtol, atol * scale[i])
+        for i in range(x.shape[0]):
+            lse_torch, lse_rows, log_sm = d(), d(), np.zeros(num_classes)
+            getattr(formulas, f"lse_rows_{suffix}")(_dptr(x[i]), num_classes, width, ctypes.byref(lse_torch),
+                                                    ctypes.byref(lse_rows), log_sm.ctypes.data_as(ctypes.POINTER(d)))
+            what = f"{acc} C={num_classes} width={width} row {i}"
+            _close(lse_torch.value, ref.logsumexp(x[i]), "logsumexp " + what, rtol, atol * scale[i])
+            _close(log_sm, ref.log_softmax(x[i]), "log_softmax " + what, rtol, atol * scale[i])
+            out = np.zeros(5)
+            getattr(formulas, f"score_row_{suffix}")(_dptr(x[i]), num_classes, int(labels[i]), width,
+                                                     out.ctypes.data_as(ctypes.POINTER(d)))
+            want = ref.score(x[i:i + 1], labels[i:i + 1])
+            _close(out[:4], [want.loss[0], want.lse[0], want.target_logprob[0], want.entropy[0]], "score " + what,
+                   rtol, atol * scale[i])
+            assert out[4] == want.argmax[0], f"argmax {what}: {out[4]} vs {want.argmax[0]}"
+            v = rng.standard_normal(num_classes).astype(np_type).astype(np.float64)
+            hv = np.zeros(num_classes)
+            getattr(formulas, f"hvp_row_{suffix}")(_dptr(x[i]), _dptr(v), num_classes, width,
+                                                   hv.ctypes.data_as(ctypes.POINTER(d)))
+            _close(hv, ref.softmax_cross_entropy_hvp(x[i], v), "hvp " + what, rtol, atol * 3)
+        p = rng.random((4, num_classes)) ** 3
+        p[0, ::5] = 0
+        p[1] = 0
+        p[2, 0] = 1e3
+        p = p.astype(np_type)
+        target = rng.random((4, num_classes))
+        target[rng.random(target.shape) < 0.3] = 0
+        target = target.astype(np_type)
+        prtol = 1e-4 if acc == "float" else 1e-9
+        for epsilon in (1e-7, 1e-3):
+            lo, hi = float(np.asarray(epsilon).astype(np_type)), float(np.asarray(1 - epsilon).astype(np_type))
+            for smoothing in (0.0, 0.1):
+                for i in range(4):
+                    loss, grad = d(), np.zeros(num_classes)
+                    getattr(formulas, f"categorical_row_{suffix}")(
+                        _dptr(p[i]), _dptr(target[i]), num_classes, d(lo), d(hi), d(smoothing), width,
+                        ctypes.byref(loss), grad.ctypes.data_as(ctypes.POINTER(d)))
+                    want_loss, want_grad = ref.categorical_cross_entropy(
+                        p[i:i + 1], target[i:i + 1], epsilon=epsilon, label_smoothing=smoothing, return_grad=True)
+                    what = f"categorical {acc} C={num_classes} width={width} eps={epsilon} ls={smoothing} row {i}"
+                    _close(loss.value, want_loss[0], what, prtol, prtol)
+                    _close(grad, want_grad[0], what + " grad", prtol, prtol)
+
+
+@pytest.mark.parametrize("acc", list(HOST_ACC))
+def test_elementwise_formulas_match_the_reference(formulas, acc):
+    import ctypes
+
+    from fastxent import reference as ref
+
+    np_type, (rtol, atol) = HOST_ACC[acc]
+    rng = np.random.default_rng(3)
+    n = 64
+    x = rng.standard_normal(n) * 5
+    x[:6] = [np.inf, -np.inf, np.nan, 1e4, -1e4, 0]
+    z = rng.random(n)
+    z[:6] = [1, 0, 1, 0, 1, 0.5]
+    z = z.astype(np_type)
+    q = rng.uniform(0.5, 3, n).astype(np_type)
+    p = rng.random(n)
+    p[:4] = [0, 1, 1e-9, 1 - 1e-9]
+    x, p = x.astype(np_type), p.astype(np_type)
+    d = ctypes.c_double
+    prtol = 1e-4 if acc == "float" else 1e-9
+    for smoothing in (0.0, 0.1):
+        for epsilon in (1e-7, 1e-3):
+            lo, hi = float(np.asarray(epsilon).astype(np_type)), float(np.asarray(1 - epsilon).astype(np_type))
+            out = np.zeros(5 * n)
+            call = getattr(formulas, f"elementwise_{acc[0]}")
+            call(_dptr(x), _dptr(z), _dptr(q), n, d(smoothing), d(lo), d(hi), out.ctypes.data_as(ctypes.POINTER(d)))
+            want_loss, want_grad = ref.sigmoid_cross_entropy(x, z, pos_weight=q.astype(np.float64),
+                                                             label_smoothing=smoothing, return_grad=True)
+            _close(out[:n], want_loss, f"sigmoid {acc} ls={smoothing}", rtol, atol * 1e4)
+            _close(out[n:2 * n], want_grad, f"sigmoid grad {acc} ls={smoothing}", rtol, atol)
+            _close(out[2 * n:3 * n], ref.sigmoid_cross_entropy_hessian_diag(x, z, pos_weight=q.astype(np.float64)),
+                   f"hessian {acc}", rtol, atol)
+            call(_dptr(p), _dptr(z), _dptr(q), n, d(smoothing), d(lo), d(hi), out.ctypes.data_as(ctypes.POINTER(d)))
+            want_loss, want_grad = ref.binary_cross_entropy(p, z, epsilon=epsilon, label_smoothing=smoothing,
+                                                            return_grad=True)
+            _close(out[3 * n:4 * n], want_loss, f"binary {acc} ls={smoothing} eps={epsilon}", rtol, atol)
+            _close(out[4 * n:], want_grad, f"binary grad {acc} ls={smoothing} eps={epsilon}", prtol, prtol)
+
+
+def test_bfloat16_rounding_matches_ml_dtypes(formulas):
+    import ctypes
+
+    formulas.bf16_round.restype = ctypes.c_ushort
+    formulas.bf16_round.argtypes = [ctypes.c_float]
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.standard_normal(20000).astype(np.float32) * 10,
+                             np.array([np.inf, -np.inf, 3.3895314e38, 3.4e38, -0.0, 1e-40, 1.00390625, 1.01171875],
+                                      np.float32)])
+    got = np.array([formulas.bf16_round(float(v)) for v in values], dtype=np.uint16)
+    want = values.astype(BF16).view(np.uint16)
+    assert (got == want).all(), values[got != want][:5]
+    nan_bits = formulas.bf16_round(float("nan"))
+    assert (nan_bits & 0x7F80) == 0x7F80 and (nan_bits & 0x7F) != 0

@@ -615,7 +615,7 @@ def _sparse_split(logits, ids, split, weights, weight_sum, eps, zl, cap, ignore,
     acc = acc_dtype_name(logits.dtype)
     # SparseStats<A> is three A's: m, s, wz.
     partial = _empty((n_rows * split.splits, 3), acc)
-    row_lse = _empty(n_rows, acc)
+    row_norm = _empty((n_rows, 2), acc)  # LogNorm<A>: m, log_s
     grid2d = (split.splits, n_rows)
     kernel = get_kernel("sparse_xent_partial", logits.dtype, ids.dtype)
     kernel(grid2d, (SPLIT_BLOCK_THREADS,),
@@ -625,12 +625,12 @@ def _sparse_split(logits, ids, split, weights, weight_sum, eps, zl, cap, ignore,
     rows_per_block = GROUP_BLOCK_THREADS // 32
     _launch(merge, -(-n_rows // rows_per_block), GROUP_BLOCK_THREADS,
             (logits, ids, _i64(n_rows), _i64(n_classes), _i64(split.splits), weights, _f64(weight_sum), eps, zl,
-             cap, ignore, has_ignore, partial, row_lse, loss, flag))
+             cap, ignore, has_ignore, partial, row_norm, loss, flag))
     if grad is not None:
         kernel = get_kernel("sparse_xent_split_grad", logits.dtype, ids.dtype)
         kernel(grid2d, (SPLIT_BLOCK_THREADS,),
                (logits, ids, _i64(n_classes), _i64(split.chunk), weights, _f64(weight_sum), eps, zl, cap,
-                ignore, has_ignore, row_lse, scale, scale_value, grad, _i32(vec)))
+                ignore, has_ignore, row_norm, scale, scale_value, grad, _i32(vec)))
 
 
 def _to_device(host_array):
