@@ -38,6 +38,14 @@ def _reference():
     return reference
 
 
+def _contiguous(array, xp):
+    """``array`` C-contiguous; a 16-bit float CuPy array is copied through its raw bits,
+    since CuPy's own float16/bfloat16 copy kernel needs CUDA headers at run time."""
+    if xp is not np and array.dtype.itemsize == 2 and not array.flags.c_contiguous:
+        return xp.ascontiguousarray(array.view(np.uint16)).view(array.dtype)
+    return xp.ascontiguousarray(array)
+
+
 def _rows(array, ax, xp):
     """``array`` with axis ``ax`` moved last, as C-contiguous rows ``(N, C)``.
 
@@ -47,7 +55,12 @@ def _rows(array, ax, xp):
     moved = xp.moveaxis(array, ax, -1)
     count = moved.shape[-1]
     rows = int(np.prod(moved.shape[:-1], dtype=np.int64))
-    return xp.ascontiguousarray(moved).reshape(rows, count)
+    return _contiguous(moved, xp).reshape(rows, count)
+
+
+def _label_shape(on_device, labels):
+    """The CuPy backend reports a bad label found on the device at its N-d position."""
+    return {"label_shape": labels.shape} if on_device else {}
 
 
 def _unrows(rows, shape, ax, xp):
@@ -60,7 +73,7 @@ def _elements(array, xp):
     """``array`` as C-contiguous ``(R, K)``, K the size of the last axis (1 for 0-d)."""
     count = array.shape[-1] if array.ndim else 1
     rows = int(np.prod(array.shape[:-1], dtype=np.int64)) if array.ndim else 1
-    return xp.ascontiguousarray(array).reshape(rows, count)
+    return _contiguous(array, xp).reshape(rows, count)
 
 
 def _grad_scale(grad_output, loss_shape, reduction, denominator, xp):
@@ -219,7 +232,8 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
             scale = scale.reshape(-1)
     rows = _rows(logits, ax, xp)
     loss, grad = kernels.sparse_softmax_cross_entropy(
-        rows, flat_labels, ignore_index, class_weight, label_smoothing, z_loss, softcap, scale)
+        rows, flat_labels, ignore_index, class_weight, label_smoothing, z_loss, softcap, scale,
+        **_label_shape(on_device, labels))
     if grad is not None:
         grad = _unrows(grad, logits.shape, ax, xp)
     return _finish(loss.reshape(loss_shape), grad, reduction, denominator, return_grad, xp,
@@ -539,7 +553,7 @@ def sparse_categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, ig
         if not isinstance(scale, float):
             scale = scale.reshape(-1)
     loss, grad = _dispatch.backend_module(name).sparse_categorical_cross_entropy(
-        _rows(probs, ax, xp), flat_labels, epsilon, ignore_index, scale)
+        _rows(probs, ax, xp), flat_labels, epsilon, ignore_index, scale, **_label_shape(on_device, labels))
     if grad is not None:
         grad = _unrows(grad, probs.shape, ax, xp)
     return _finish(loss.reshape(loss_shape), grad, reduction, denominator, return_grad, xp,
@@ -646,5 +660,6 @@ def score(logits, labels, *, axis=-1, ignore_index=None, backend=None):
         check.label_range(labels, count, ignore_index)
     if name == "numpy":
         return _reference().score(logits, labels, axis=ax, ignore_index=ignore_index)
-    fields = _dispatch.backend_module(name).score(_rows(logits, ax, xp), labels.reshape(-1), ignore_index)
+    fields = _dispatch.backend_module(name).score(_rows(logits, ax, xp), labels.reshape(-1), ignore_index,
+                                                  **_label_shape(on_device, labels))
     return Score(*(field.reshape(labels.shape) for field in fields))
