@@ -1,0 +1,471 @@
+"""fastxent.torch against torch's own functions: values, gradients, dtypes, autograd, compile.
+
+The reference is torch itself: ``F.cross_entropy`` / ``F.binary_cross_entropy_with_logits``
+run in float64 on the same (upcast) inputs, so a 16-bit result is compared with
+the exact value rounded once. Every case checks the loss and the gradient for a
+random incoming gradient, and for reduced losses the incoming gradient 1 (the
+saved gradient handed over as is) and 0.7 (one multiply).
+"""
+
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+import fastxent as fx  # noqa: E402
+import fastxent.torch as fxt  # noqa: E402
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["float32", "float64", "bfloat16", "float16"]
+
+#: (rtol, atol) per dtype for the loss and the gradient against torch in float64.
+#: 16-bit results are the float32-accumulated value rounded once to the dtype.
+TOLERANCE = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float16: (2e-3, 1e-5),
+}
+
+REDUCTIONS = ["none", "sum", "mean"]
+
+
+def _backend_runs(call):
+    """True when the default backend implements ``call`` (the Numba sigmoid family lands later)."""
+    try:
+        call()
+    except (AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+@pytest.fixture
+def sigmoid_backend(monkeypatch):
+    """The default backend, or the float64 reference where the Numba kernel does not exist yet.
+
+    Set through the environment (read at each call) so autograd and worker
+    threads see it too.
+    """
+    zeros = np.zeros((2, 3), np.float32)
+    if not _backend_runs(lambda: fx.sigmoid_cross_entropy(zeros, zeros, return_grad=True)):
+        monkeypatch.setenv("FASTXENT_BACKEND", "numpy")
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOLERANCE[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double()
+    e = expected.detach().double()
+    ok = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True) | (a == e)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero()[:8].tolist()
+        lines = [f"{what}: {int((~ok).sum())} of {ok.numel()} differ (rtol={rtol}, atol={atol})"]
+        lines += [f"  at {tuple(i)}: got {a[tuple(i)].item()!r}, expected {e[tuple(i)].item()!r}" for i in bad]
+        pytest.fail("\n".join(lines))
+
+
+def _logits(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    spikes = torch.rand(shape, generator=g) < 0.05
+    x = torch.where(spikes, x * 6, x)
+    return x.to(dtype)
+
+
+def _incoming(loss, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype) + 0.5
+
+
+def _compare(ours, theirs, x, dtype, kwargs, what):
+    """Loss and gradient of ``ours(x)`` against ``theirs(x in float64)``, for several incoming gradients."""
+    xa = x.detach().clone().requires_grad_(True)
+    xb = x.detach().double().requires_grad_(True)
+    la = ours(xa, **kwargs)
+    lb = theirs(xb, **kwargs)
+    assert la.dtype == dtype, f"{what}: loss dtype {la.dtype}"
+    assert_close(la, lb, dtype, f"{what} loss")
+    incoming = [_incoming(la)] if la.dim() else [torch.tensor(1.0, dtype=dtype), torch.tensor(0.7, dtype=dtype)]
+    for g in incoming:
+        (ga,) = torch.autograd.grad(la, xa, grad_outputs=g, retain_graph=True)
+        (gb,) = torch.autograd.grad(lb, xb, grad_outputs=g.double(), retain_graph=True)
+        assert ga.dtype == dtype
+        assert_close(ga, gb, dtype, f"{what} grad (incoming {g.flatten()[:1].item():.3g}...)")
+
+
+# ----------------------------------------------------------------------------
+# cross_entropy: class indices
+# ----------------------------------------------------------------------------
+
+SHAPES = {"rank1": (7,), "rank2": (6, 5), "rank3": (3, 4, 5), "rank4": (2, 3, 4, 3)}
+INDEX_OPTIONS = {
+    "plain": {},
+    "weight": {"weight": "random"},
+    "ignore": {"ignore_index": -100},
+    "ignore_class": {"ignore_index": 1},
+    "smoothing": {"label_smoothing": 0.15},
+    "all": {"weight": "random", "ignore_index": -100, "label_smoothing": 0.1},
+}
+
+
+def _targets(shape, count, ignore_index=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    target_shape = shape[:1] + shape[2:] if len(shape) >= 2 else ()
+    target = torch.randint(0, count, target_shape, generator=g)
+    if ignore_index is not None and target.dim():
+        drop = torch.rand(target_shape, generator=g) < 0.3
+        drop.view(-1)[0] = False  # at least one counted row
+        drop.view(-1)[-1] = True  # at least one ignored row
+        target = torch.where(drop, torch.full_like(target, ignore_index), target)
+    return target
+
+
+def _index_kwargs(option, count, reduction):
+    kwargs = dict(INDEX_OPTIONS[option], reduction=reduction)
+    if kwargs.get("weight") == "random":
+        kwargs["weight"] = torch.rand(count, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 0.2
+    return kwargs
+
+
+def _torch_reference(kwargs):
+    def run(x, target, **kw):
+        kw = dict(kw)
+        if kw.get("weight") is not None:
+            kw["weight"] = kw["weight"].double()
+        if target.is_floating_point():
+            target = target.double()
+        return F.cross_entropy(x, target, **kw)
+    return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("rank", list(SHAPES))
+@pytest.mark.parametrize("option", list(INDEX_OPTIONS))
+def test_cross_entropy_class_indices(dtype, reduction, rank, option):
+    shape = SHAPES[rank]
+    count = shape[1] if len(shape) >= 2 else shape[0]
+    kwargs = _index_kwargs(option, count, reduction)
+    ignore = kwargs.get("ignore_index")
+    target = _targets(shape, count, ignore if ignore is not None and ignore < 0 else None)
+    if kwargs.get("weight") is not None:
+        kwargs["weight"] = kwargs["weight"].to(dtype)
+    x = _logits(shape, dtype)
+    _compare(lambda xx, **kw: fxt.cross_entropy(xx, target, **kw),
+             lambda xx, **kw: _torch_reference(kw)(xx, target, **kw),
+             x, dtype, kwargs, f"{rank} {option} {reduction}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("rank", list(SHAPES))
+@pytest.mark.parametrize("option", ["plain", "weight", "smoothing", "weight_smoothing"])
+def test_cross_entropy_probabilities(dtype, reduction, rank, option):
+    shape = SHAPES[rank]
+    class_dim = 1 if len(shape) >= 2 else 0
+    count = shape[class_dim]
+    g = torch.Generator().manual_seed(2)
+    target = torch.rand(shape, generator=g, dtype=torch.float64)
+    target = torch.where(torch.rand(shape, generator=g) < 0.3, 0.0, target)
+    target = (target / target.sum(class_dim, keepdim=True).clamp_min(1e-9)).to(dtype)
+    kwargs = {"reduction": reduction}
+    if "weight" in option:
+        kwargs["weight"] = (torch.rand(count, generator=g, dtype=torch.float64) + 0.2).to(dtype)
+    if "smoothing" in option:
+        kwargs["label_smoothing"] = 0.2
+    x = _logits(shape, dtype)
+    _compare(lambda xx, **kw: fxt.cross_entropy(xx, target, **kw),
+             lambda xx, **kw: _torch_reference(kw)(xx, target, **kw),
+             x, dtype, kwargs, f"{rank} probabilities {option} {reduction}")
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weight", [None, "zeros"])
+def test_mean_over_nothing_is_nan_like_torch(label_smoothing, weight):
+    x = _logits((4, 3), torch.float32).requires_grad_(True)
+    if weight is None:
+        target, w = torch.full((4,), -100), None
+    else:  # counted rows, all of class weight 0
+        target, w = torch.tensor([0, 0, 1, -100]), torch.tensor([0.0, 0.0, 1.0])
+    ours = fxt.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing)
+    theirs = F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing)
+    assert math.isnan(ours.item()) and math.isnan(theirs.item())
+    (ga,) = torch.autograd.grad(ours, x)
+    (gb,) = torch.autograd.grad(theirs, x)
+    assert torch.equal(torch.isnan(ga), torch.isnan(gb))
+    assert torch.equal(torch.nan_to_num(ga), torch.nan_to_num(gb))
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_empty_batch_mean_is_nan(probabilities):
+    x = torch.zeros((0, 5), requires_grad=True)
+    target = torch.zeros((0, 5)) if probabilities else torch.zeros((0,), dtype=torch.long)
+    loss = fxt.cross_entropy(x, target)
+    assert math.isnan(loss.item()) and math.isnan(F.cross_entropy(x, target).item())
+    loss.backward()
+    assert x.grad.shape == (0, 5)
+    assert fxt.cross_entropy(x, target, reduction="sum").item() == 0.0
+
+
+def test_z_loss_and_softcap_against_a_torch_formula():
+    x = _logits((6, 9), torch.float64).requires_grad_(True)
+    target = torch.tensor([0, 3, -100, 8, 2, 2])
+    weight = torch.rand(9, dtype=torch.float64) + 0.5
+    kwargs = dict(weight=weight, label_smoothing=0.1, reduction="none")
+
+    def formula(xx):
+        capped = 4.0 * torch.tanh(xx / 4.0)
+        lse = torch.logsumexp(capped, 1)
+        return F.cross_entropy(capped, target, **kwargs) + 1e-2 * lse**2 * (target != -100)
+
+    ours = fxt.cross_entropy(x, target, z_loss=1e-2, softcap=4.0, **kwargs)
+    theirs = formula(x)
+    assert_close(ours, theirs, torch.float64, "z_loss+softcap loss")
+    g = _incoming(ours)
+    assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0],
+                 torch.float64, "z_loss+softcap grad")
+
+
+def test_legacy_size_average_and_reduce_map_like_torch():
+    x = _logits((5, 4), torch.float32)
+    target = torch.tensor([0, 1, 2, 3, 0])
+    for size_average, reduce in [(False, None), (None, False), (True, True)]:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            ours = fxt.cross_entropy(x, target, size_average=size_average, reduce=reduce)
+            theirs = F.cross_entropy(x, target, size_average=size_average, reduce=reduce)
+        assert_close(ours, theirs, torch.float32, f"size_average={size_average} reduce={reduce}")
+
+
+def test_target_requiring_grad_falls_back_to_torch():
+    x = _logits((4, 3), torch.float64).requires_grad_(True)
+    target = torch.softmax(torch.randn(4, 3, dtype=torch.float64), 1).requires_grad_(True)
+    ours = fxt.cross_entropy(x, target)
+    theirs = F.cross_entropy(x, target)
+    assert_close(ours, theirs, torch.float64, "loss")
+    ga = torch.autograd.grad(ours, (x, target))
+    gb = torch.autograd.grad(theirs, (x, target))
+    for a, b in zip(ga, gb):
+        assert_close(a, b, torch.float64, "grad")
+
+
+def test_no_grad_runs_forward_only():
+    x = _logits((4, 3), torch.float32).requires_grad_(True)
+    with torch.no_grad():
+        loss = fxt.cross_entropy(x, torch.tensor([0, 1, 2, 0]))
+    assert loss.grad_fn is None and not loss.requires_grad
+    loss = fxt.cross_entropy(x.detach(), torch.tensor([0, 1, 2, 0]))
+    assert loss.grad_fn is None
+
+
+def test_bad_input_errors_name_the_problem():
+    x = _logits((4, 3), torch.float32)
+    with pytest.raises(ValueError, match="outside"):
+        fxt.cross_entropy(x, torch.tensor([0, 1, 5, 0]))
+    with pytest.raises(TypeError, match="integer"):
+        fxt.cross_entropy(x, torch.tensor([0.0, 1.0, 2.0, 0.0]))
+    with pytest.raises(TypeError, match="floating point"):
+        fxt.cross_entropy(x, torch.zeros((4, 3), dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        fxt.cross_entropy(x, torch.tensor([0, 1, 2, 0]), reduction="avg")
+    with pytest.raises(ValueError, match="binary"):
+        fxt.cross_entropy(_logits((4, 1), torch.float32), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="z_loss"):
+        fxt.cross_entropy(x, torch.softmax(x, 1), z_loss=0.1)
+    with pytest.raises(TypeError, match="device"):
+        fxt.cross_entropy(torch.zeros((2, 3), device="meta"), torch.zeros(2, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------
+# binary_cross_entropy_with_logits
+# ----------------------------------------------------------------------------
+
+BCE_SHAPES = {"rank1": (7,), "rank2": (6, 5), "rank3": (3, 4, 5)}
+BCE_OPTIONS = ["plain", "weight_class", "weight_full", "pos_weight_scalar", "pos_weight_class", "both"]
+
+
+def _bce_kwargs(option, shape, dtype, reduction):
+    g = torch.Generator().manual_seed(11)
+    kwargs = {"reduction": reduction}
+    last = shape[-1]
+    if option in ("weight_class", "both"):
+        kwargs["weight"] = (torch.rand(last, generator=g, dtype=torch.float64) + 0.2).to(dtype)
+    if option == "weight_full":
+        kwargs["weight"] = (torch.rand(shape, generator=g, dtype=torch.float64) + 0.2).to(dtype)
+    if option == "pos_weight_scalar":
+        kwargs["pos_weight"] = torch.tensor(2.5, dtype=dtype)
+    if option in ("pos_weight_class", "both"):
+        kwargs["pos_weight"] = (torch.rand(last, generator=g, dtype=torch.float64) * 3 + 0.1).to(dtype)
+    return kwargs
+
+
+def _bce_reference(target):
+    def run(x, **kw):
+        kw = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        return F.binary_cross_entropy_with_logits(x, target.double(), **kw)
+    return run
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("rank", list(BCE_SHAPES))
+@pytest.mark.parametrize("option", BCE_OPTIONS)
+def test_bce_with_logits(dtype, reduction, rank, option):
+    shape = BCE_SHAPES[rank]
+    g = torch.Generator().manual_seed(4)
+    target = torch.rand(shape, generator=g, dtype=torch.float64)
+    target = torch.where(torch.rand(shape, generator=g) < 0.5, target.round(), target).to(dtype)
+    kwargs = _bce_kwargs(option, shape, dtype, reduction)
+    _compare(lambda xx, **kw: fxt.binary_cross_entropy_with_logits(xx, target, **kw),
+             _bce_reference(target), _logits(shape, dtype), dtype, kwargs, f"{rank} {option} {reduction}")
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+def test_bce_edge_cases_like_torch():
+    x = torch.zeros((0, 3), requires_grad=True)
+    loss = fxt.binary_cross_entropy_with_logits(x, torch.zeros((0, 3)))
+    assert math.isnan(loss.item()) and math.isnan(F.binary_cross_entropy_with_logits(x, torch.zeros((0, 3))).item())
+    with pytest.raises(ValueError, match="Target size"):
+        fxt.binary_cross_entropy_with_logits(torch.zeros(3, 2), torch.zeros(3))
+    big = torch.tensor([-200.0, 200.0, 0.0], dtype=torch.float64)
+    z = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    assert_close(fxt.binary_cross_entropy_with_logits(big, z, reduction="none"),
+                 F.binary_cross_entropy_with_logits(big, z, reduction="none"), torch.float64, "saturated")
+    xs = torch.randn(2, 3, requires_grad=True)
+    zs = torch.rand(2, 3, requires_grad=True)
+    ours = fxt.binary_cross_entropy_with_logits(xs, zs)
+    theirs = F.binary_cross_entropy_with_logits(xs, zs)
+    for a, b in zip(torch.autograd.grad(ours, (xs, zs)), torch.autograd.grad(theirs, (xs, zs))):
+        assert_close(a, b, torch.float32, "target requiring grad (torch fallback)")
+    with pytest.raises(RuntimeError, match="not differentiable"):  # torch's own error
+        fxt.binary_cross_entropy_with_logits(xs, torch.ones(2, 3), weight=torch.rand(3, requires_grad=True))
+
+
+# ----------------------------------------------------------------------------
+# autograd: gradcheck, double backward, modules, zero copy, compile
+# ----------------------------------------------------------------------------
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("case", ["indices", "indices_weight_smoothing", "probabilities_weight", "rank4",
+                                  "bce", "bce_weights"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gradcheck_float64(case, reduction):
+    torch.manual_seed(0)
+    if case.startswith("bce"):
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        z = torch.rand(4, 3, dtype=torch.float64)
+        kw = {}
+        if case == "bce_weights":
+            kw = dict(weight=torch.rand(3, dtype=torch.float64), pos_weight=torch.rand(3, dtype=torch.float64) + 1)
+
+        def fn(xx):
+            return fxt.binary_cross_entropy_with_logits(xx, z, reduction=reduction, **kw)
+    else:
+        shape = (2, 4, 3, 2) if case == "rank4" else (5, 4)
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        target = torch.randint(0, 4, (shape[0],) + shape[2:])
+        kw = {}
+        if case == "indices_weight_smoothing":
+            target[1] = -100
+            kw = dict(weight=torch.rand(4, dtype=torch.float64) + 0.1, label_smoothing=0.2)
+        if case == "probabilities_weight":
+            target = torch.softmax(torch.randn(shape, dtype=torch.float64), 1)
+            kw = dict(weight=torch.rand(4, dtype=torch.float64) + 0.1, label_smoothing=0.1)
+
+        def fn(xx):
+            return fxt.cross_entropy(xx, target, reduction=reduction, **kw)
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
+def test_double_backward_raises_a_clear_error(loss):
+    # A gradient penalty: without the error the penalty's gradient would silently
+    # miss the loss's second-order terms (the saved gradient is a constant).
+    model = torch.nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    if loss == "cross_entropy":
+        value = fxt.cross_entropy(model(x), torch.tensor([0, 1, 2, 0]))
+    else:
+        value = fxt.binary_cross_entropy_with_logits(model(x), torch.rand(4, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(value, x, create_graph=True)
+    (grad,) = torch.autograd.grad(value, x)  # first order is fine
+    assert grad.shape == x.shape
+
+
+def test_backward_twice_with_retain_graph_is_stable():
+    x = _logits((4, 3), torch.float32).requires_grad_(True)
+    loss = fxt.cross_entropy(x, torch.tensor([0, 1, 2, 0]))
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    assert torch.allclose(x.grad, 2 * first)
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+def test_modules_match_torch_modules():
+    weight = torch.rand(4) + 0.5
+    ours = fxt.CrossEntropyLoss(weight=weight, ignore_index=2, label_smoothing=0.05)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=2, label_smoothing=0.05)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = _logits((6, 4), torch.float32)
+    target = torch.tensor([0, 1, 2, 3, 2, 1])
+    assert_close(ours(x, target), theirs(x, target), torch.float32, "CrossEntropyLoss")
+    assert "z_loss" in repr(fxt.CrossEntropyLoss(z_loss=1e-4))
+    pos = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    bours = fxt.BCEWithLogitsLoss(pos_weight=pos, reduction="sum")
+    btheirs = torch.nn.BCEWithLogitsLoss(pos_weight=pos, reduction="sum")
+    assert bours.state_dict().keys() == btheirs.state_dict().keys()
+    z = torch.rand(6, 4)
+    assert_close(bours(x, z), btheirs(x, z), torch.float32, "BCEWithLogitsLoss")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_cpu_tensors_are_handed_over_without_a_copy(dtype):
+    x = _logits((3, 5), dtype)
+    array = fxt._as_array(x)
+    assert array.__array_interface__["data"][0] == x.data_ptr()
+    assert array.dtype.name == DTYPE_IDS[DTYPES.index(dtype)]
+    back = fxt._as_tensor(array)
+    assert back.data_ptr() == x.data_ptr() and back.dtype == dtype
+
+
+def test_small_model_under_torch_compile():
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"torch inductor is not importable here: {exc}")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    reference.load_state_dict(model.state_dict())
+    data = torch.randn(32, 8)
+    target = torch.randint(0, 5, (32,))
+
+    def step(net, loss_fn):
+        loss = loss_fn(net(data), target, label_smoothing=0.1)
+        loss.backward()
+        return loss
+
+    compiled = torch.compile(lambda: step(model, fxt.cross_entropy))
+    loss = compiled()
+    expected = step(reference, F.cross_entropy)
+    assert_close(loss.detach(), expected.detach(), torch.float32, "compiled loss")
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"compiled grad of {name}")
+
+
+def test_import_fastxent_imports_no_framework():
+    code = ("import fastxent, sys; "
+            "loaded = [m for m in ('torch', 'jax', 'tensorflow', 'keras') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
