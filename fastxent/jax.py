@@ -25,6 +25,8 @@ back. The functions work under ``jit``, ``grad``, ``value_and_grad`` and
   (``return_grad=True``) and keeps the gradient as the residual (logits-sized,
   in the logits' dtype); the backward is one multiply by the incoming
   cotangent, fused by XLA. Without differentiation the forward-only kernel runs.
+* Host calls are serialised (``fastxent._adapters.HOST_LOCK``): XLA may run
+  independent callbacks at the same time, and each kernel uses every core.
 * Soft labels and sigmoid labels get optax's label cotangents too
   (``-log_softmax(logits)`` and ``-logits``); under ``jit`` XLA drops that work
   (and its callback) when nobody asks for it.
@@ -47,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fastxent as fx
+from fastxent._adapters import host_call
 
 __all__ = [
     "sigmoid_binary_cross_entropy",
@@ -105,7 +108,8 @@ def _host_sigmoid(logits, labels, *, with_grad):
 
 
 def _callback(host, shapes, *args, **options):
-    return jax.pure_callback(functools.partial(host, **options), shapes, *args, vmap_method=_VMAP_METHOD)
+    return jax.pure_callback(functools.partial(host_call, host, **options), shapes, *args,
+                             vmap_method=_VMAP_METHOD)
 
 
 def _struct(shape, dtype):

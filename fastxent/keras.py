@@ -29,7 +29,9 @@ around ``tf.numpy_function``: TensorFlow hands the host buffers to fastxent's
 Numba kernels. The forward runs the forward-only kernel; the gradient function
 runs the fused kernel once more with the incoming per-example gradient as
 ``grad_output``, so nothing logits-sized is kept between the two and an
-evaluation step (no gradient asked) never computes one. (The torch adapter
+evaluation step (no gradient asked) never computes one. Host calls are
+serialised (``fastxent._adapters.HOST_LOCK``): TensorFlow runs independent ops
+on parallel threads, and each kernel uses every core. (The torch adapter
 keeps the gradient from a fused forward instead: there the forward knows that
 a backward will follow; a TensorFlow forward does not.)
 
@@ -48,6 +50,7 @@ import numpy as np
 import keras
 
 import fastxent as fx
+from fastxent._adapters import host_call
 
 __all__ = [
     "BinaryCrossentropy",
@@ -87,10 +90,11 @@ def _fused(function, first, labels, loss_shape, **options):
     loss_dtype = first.dtype
 
     def forward(x, y):
-        return np.asarray(function(x, y, **options), dtype=_numpy_dtype(loss_dtype))
+        loss = host_call(function, x, y, **options)
+        return np.asarray(loss, dtype=_numpy_dtype(loss_dtype))
 
     def backward(x, y, dy):
-        _, grad = function(x, y, **options, return_grad=True, grad_output=dy)
+        _, grad = host_call(function, x, y, **options, return_grad=True, grad_output=dy)
         return np.asarray(grad, dtype=x.dtype)
 
     @tf.custom_gradient

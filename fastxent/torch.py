@@ -75,6 +75,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 
 import fastxent as fx
+from fastxent._adapters import host_lock
 
 __all__ = [
     "BCEWithLogitsLoss",
@@ -122,9 +123,14 @@ def _as_tensor(array):
 
 @contextlib.contextmanager
 def _on_stream_of(tensor):
-    """Run the enclosed CuPy launches on ``tensor``'s device and current torch stream."""
+    """Run the enclosed CuPy launches on ``tensor``'s device and current torch stream.
+
+    Host (Numba) calls run under the adapters' host lock instead (see
+    ``fastxent._adapters``): torch code may call from several threads.
+    """
     if tensor.device.type != "cuda":
-        yield
+        with host_lock():
+            yield
         return
     import cupy
 

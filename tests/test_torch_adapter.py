@@ -439,6 +439,22 @@ def test_cpu_tensors_are_handed_over_without_a_copy(dtype):
     assert back.data_ptr() == x.data_ptr() and back.dtype == dtype
 
 
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "expanded_target"])
+def test_strided_inputs(layout):
+    if layout == "transposed":
+        x = _logits((5, 6), torch.float32).t()  # (6, 5), class stride 6
+        target = torch.tensor([0, 1, 2, 3, 4, 0])
+    elif layout == "channels_last":
+        x = _logits((2, 3, 4, 5), torch.float32).contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 3, (2, 4, 5), generator=torch.Generator().manual_seed(0))
+    else:
+        x = _logits((6, 5), torch.float32)
+        target = torch.tensor([3]).expand(6)  # stride 0
+    _compare(lambda xx, **kw: fxt.cross_entropy(xx, target, **kw),
+             lambda xx, **kw: F.cross_entropy(xx, target, **kw), x, torch.float32,
+             {"reduction": "none"}, layout)
+
+
 def test_small_model_under_torch_compile():
     try:
         import torch._inductor  # noqa: F401
