@@ -198,6 +198,8 @@ def _torch_tensor(array):
         if array.dtype.name == "bfloat16":  # torch.from_numpy does not know ml_dtypes
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
+    if str(array.dtype) == "bfloat16":  # CuPy >= 14 bfloat16: its interface typestr is raw '<V2'
+        return torch.as_tensor(array.view(np.int16), device="cuda").view(torch.bfloat16)
     return torch.as_tensor(array, device="cuda")  # __cuda_array_interface__: zero-copy
 
 
@@ -304,12 +306,14 @@ def _jax_sparse(logits, labels, with_grad):
         fn = jax.jit(optax.softmax_cross_entropy_with_integer_labels)
         return lambda: np.asarray(jax.block_until_ready(fn(x, y)))
 
-    def mean_loss(xx):
-        return optax.softmax_cross_entropy_with_integer_labels(xx, y).mean()
+    # The labels are an argument, not a closed-over constant: as a constant, XLA
+    # constant-folds the gradient's scatter over every row (minutes at 1,000,000 rows).
+    def mean_loss(xx, yy):
+        return optax.softmax_cross_entropy_with_integer_labels(xx, yy).mean()
     fn = jax.jit(jax.value_and_grad(mean_loss))
 
     def run():
-        loss, grad = jax.block_until_ready(fn(x))
+        loss, grad = jax.block_until_ready(fn(x, y))
         return np.asarray(loss), np.asarray(grad)
     return run
 

@@ -115,6 +115,9 @@ def _warn(message):
 def _bench(args):
     import json
 
+    # TensorFlow's and XLA's C++ logging (jax, tensorflow peers): warnings and errors
+    # only, so the table is not buried under start-up chatter. A user's setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from . import _bench as bench
 
     if args.plot:
