@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Compile every CUDA kernel instantiation of kernels/ with nvcc (sm_80, sm_90, warnings as
-# errors) and, where CuPy's NVRTC loads, through the run-time NVRTC path too.
+# Compile every CUDA kernel instantiation of kernels/ for sm_80 and sm_90, warnings as errors:
+# the nvcc front end for both, code generation once per arch (nvcc -ptx for sm_80; for sm_90
+# CuPy's NVRTC on the loader's exact source and options, or nvcc -ptx where NVRTC is unusable).
 # Run from the repository root: bash ci/check_kernels.sh. Skips (exit 0) without nvcc.
 # The work is in ci/check_kernels.py, which reads the instantiations from the backend's
 # dtype table (fastxent/backends/cupy_cuda.py).

@@ -370,6 +370,32 @@ template <class A> __device__ __forceinline__ A categorical_grad(A g, A s, A gp,
     return (g / s - gp / (s * s)) * scale;
 }
 
+// Sparse categorical (one-hot y): pass 1 sums s = sum_c p_c and zp = sum_c 0 * p_c, which
+// is 0, or NaN once some p_c is +-inf or NaN. g_c = 0 for c != y, yet the reference's
+// sum_j g_j p_j meets 0 * inf there, so such a row's gradient is NaN everywhere (as the
+// dense kernel, which forms every g_c p_c, and the CPU backend give).
+template <class A> struct ProbSumStats {
+    A s, zp;
+    __device__ void init() { s = A(0); zp = A(0); }
+    __device__ __forceinline__ void add(A p) { s += p; zp += A(0) * p; }
+    __device__ static ProbSumStats merge(ProbSumStats a, ProbSumStats b) {
+        ProbSumStats o;
+        o.s = a.s + b.s;
+        o.zp = a.zp + b.zp;
+        return o;
+    }
+};
+
+// Loss of a sparse categorical row with label probability py; sets g_y (d loss / d q_y,
+// 0 where clipped) and gp = sum_j g_j p_j, from which categorical_grad gives every class.
+template <class A>
+__device__ __forceinline__ A sparse_categorical_loss(A py, ProbSumStats<A> t, A lo, A hi, A& gy, A& gp) {
+    A term;
+    gy = categorical_dq(py, A(1), t.s, lo, hi, term);
+    gp = gy * py + t.zp;
+    return -term;
+}
+
 template <class A>
 __device__ __forceinline__ A binary_xent(A p, A z, A eps, A lo, A hi, A scale, A& grad) {
     const A zs = (A(1) - eps) * z + eps / A(2);

@@ -68,7 +68,8 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) categorical_rows(
 // Sparse categorical cross-entropy: labels (N,) class ids
 // ============================================================================
 // The one-hot row of reference._categorical: only class y has a nonzero label, so
-// loss = -log q_y and g is zero except g_y; grad_c = ([c == y] g_y) / s - g_y p_y / s^2.
+// loss = -log q_y and g is zero except g_y; grad_c = ([c == y] g_y) / s - gp / s^2 with
+// gp = g_y p_y, NaN when some p_c is not finite (ProbSumStats).
 
 template <class T, class L, int G>
 __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_categorical_rows(
@@ -90,20 +91,19 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_categorical_rows
                 fill_range(grad + row * C, 0, C, A(0) * scale_at<A>(scale, scale_value, row), g.lane, g.width);
             continue;
         }
-        SumStats<A> total;
+        ProbSumStats<A> total;
         total.init();
         row_apply<A, false, false>(0, C, pr, (const None*)nullptr, (None*)nullptr, (None*)nullptr, g.lane, g.width,
-                                   vec_ok, [&](i64, A pv, A, A&, A&) { total.s += pv; });
-        const A s = g.reduce(total).s;
-        const A py = to_acc<A>(pr[y]);
-        A term;
-        const A gy = categorical_dq(py, A(1), s, lo_a, hi_a, term);
-        if (g.leader()) loss[row] = -term;
+                                   vec_ok, [&](i64, A pv, A, A&, A&) { total.add(pv); });
+        total = g.reduce(total);
+        const A s = total.s;
+        A gy, gp;
+        const A row_loss = sparse_categorical_loss(to_acc<A>(pr[y]), total, lo_a, hi_a, gy, gp);
+        if (g.leader()) loss[row] = row_loss;
         if (grad == nullptr) continue;
         // Every class but y has the same gradient: fill the row without re-reading it,
         // then the leader overwrites class y after the group barrier.
         const A sc = scale_at<A>(scale, scale_value, row);
-        const A gp = gy * py;
         T* gr = grad + row * C;
         fill_range(gr, 0, C, categorical_grad(A(0), s, gp, sc), g.lane, g.width);
         g.sync();

@@ -488,6 +488,102 @@ def test_sparse_categorical_matches_reference(dtype, shape, ignore_index):
         compare(forward, expected[0], dtype, f"sparse categorical {reduction} forward-only")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("num_classes", [4, 423, 5003])
+def test_probability_edge_rows(dtype, num_classes):
+    """All-zero, NaN and +-inf probabilities and one-hot rows, for both categorical losses
+    (tests/test_families.py holds the CPU backend to the same rows). An inf off the label
+    gives a finite sparse loss and a NaN gradient row: the reference's sum_j g_j p_j meets
+    0 * inf there."""
+    c = num_classes
+    probs = np.random.default_rng(33).random((7, c)) ** 3
+    probs[0] = 0.0
+    probs[1, 0] = np.nan
+    probs[2, c - 1] = np.inf
+    probs[3, 1] = np.inf
+    probs[4] = 0.0
+    probs[4, 2] = 1.0
+    probs[5, c // 2] = -np.inf
+    probs = probs.astype(dtype)
+    ids = np.array([0, 1, 1, 1, 2, 0, -100])
+    soft = np.eye(c)[np.clip(ids, 0, c - 1)].astype(np.float32)
+    expected = ref.categorical_cross_entropy(probs, soft, return_grad=True)
+    compare(fx.categorical_cross_entropy(dev(probs), dev(soft), return_grad=True), expected, dtype,
+            "categorical edge rows")
+    expected = ref.sparse_categorical_cross_entropy(probs, ids, ignore_index=-100, return_grad=True)
+    compare(fx.sparse_categorical_cross_entropy(dev(probs), dev(ids), ignore_index=-100, return_grad=True),
+            expected, dtype, "sparse categorical edge rows")
+
+
+def test_a_million_short_rows():
+    """1,000,000 x 10: eight lanes per row, 31,250 blocks of 32 rows."""
+    shape = (1_000_000, 10)
+    logits = make_logits(shape, np.float32, seed=35)
+    labels = make_class_ids(shape[:1], shape[1], seed=36, ignore_index=-100, ignore_fraction=0.1)
+    expected = ref.sparse_softmax_cross_entropy(logits, labels, ignore_index=-100, return_grad=True)
+    got = fx.sparse_softmax_cross_entropy(dev(logits), dev(labels), ignore_index=-100, return_grad=True)
+    scale = row_scale(logits).max()  # a scalar: atol scales both the loss (N,) and the grad (N, C)
+    compare(got, expected, np.float32, "1e6 x 10", atol_scale=scale)
+    compare_score(to_host(fx.score(dev(logits), dev(labels), ignore_index=-100)),
+                  ref.score(logits, labels, ignore_index=-100), np.float32, "1e6 x 10 score", scale)
+
+
+def test_split_path_odd_classes_misaligned_inplace():
+    """The split-row path on rows of odd C starting off the 16-byte grid, gradient inplace:
+    every chunk of every row has its own scalar head and tail."""
+    n, c = 3, 100003
+    info = cupy_cuda.device_info(cupy.cuda.Device().id)
+    assert cupy_cuda.split_plan(n, c, info) is not None
+    host = make_logits((n, c), np.float32, seed=37)
+    labels = make_class_ids((n,), c, seed=38)
+    expected = ref.sparse_softmax_cross_entropy(host, labels, label_smoothing=0.1, return_grad=True)
+    base = cupy.empty(n * c + 1, dtype=np.float32)
+    x = base[1:].reshape(n, c)
+    x[...] = dev(host)
+    loss, grad = cupy_cuda.sparse_softmax_cross_entropy(x, dev(labels), None, None, 0.1, 0.0, None, 1.0,
+                                                        inplace=True)
+    assert grad.data.ptr == x.data.ptr
+    compare((loss, grad), expected, np.float32, "split, odd C, misaligned, inplace", atol_scale=row_scale(host).max())
+
+
+@pytest.mark.slow
+def test_more_than_two_to_the_31_elements():
+    """N * C > 2**31: bfloat16 rows of 50257 classes (4.3 GB of logits, as much gradient).
+    Rows differ (low mantissa bits flipped by row), so a wrapped 32-bit offset would read
+    another row; rows at both ends are compared with the reference, every loss must be
+    finite, and the elementwise path (n > 2**31 elements) is checked at its last elements."""
+    if BF16_REASON:
+        pytest.skip(BF16_REASON)
+    c = 50257
+    n = 2**31 // c + 8
+    free, _ = cupy.cuda.runtime.memGetInfo()
+    if free < 10 * n * c:  # peak: logits (2 B an element) + the float32 sigmoid loss (4 B), with margin
+        pytest.skip(f"needs ~{10 * n * c / 2**30:.0f} GiB of free device memory, {free / 2**30:.0f} GiB free")
+    rng = np.random.default_rng(34)
+    base = cupy.asarray((rng.standard_normal(c) * 3).astype(BF16).view(np.uint16))
+    bits = base[None, :] ^ (cupy.arange(n, dtype=cupy.uint16) % 8)[:, None]
+    logits = bits.view(BF16)
+    host_labels = rng.integers(0, c, n)
+    host_labels[[1, n - 2]] = -100
+    rows = np.array([0, 1, n // 2, n - 2, n - 1])
+    host_rows = bits[cupy.asarray(rows)].get().view(BF16)
+    expected = ref.sparse_softmax_cross_entropy(host_rows, host_labels[rows], ignore_index=-100, return_grad=True)
+    loss, grad = fx.sparse_softmax_cross_entropy(logits, dev(host_labels), ignore_index=-100, return_grad=True)
+    assert bool(cupy.isfinite(loss).all()), "every row's loss is finite"
+    got_grad = grad.view(np.uint16)[cupy.asarray(rows)].get().view(BF16)
+    compare((loss[cupy.asarray(rows)], got_grad), expected, BF16, "N * C > 2**31 sparse", atol_scale=8.0)
+    del grad, loss
+    lse = fx.logsumexp(logits)
+    assert_close(to_host(lse[cupy.asarray(rows)]), ref.logsumexp(host_rows), BF16, "value", "N * C > 2**31 lse",
+                 tol=(tolerance(BF16)[0], tolerance(BF16)[1] * 8))
+    del lse
+    flat = logits.reshape(-1)
+    loss = fx.sigmoid_cross_entropy(flat, flat)
+    tail = bits.reshape(-1)[-7:].get().view(BF16)
+    assert_close(to_host(loss[-7:]), ref.sigmoid_cross_entropy(tail, tail), BF16, "value",
+                 "n > 2**31 sigmoid, last elements", tol=(tolerance(BF16)[0], tolerance(BF16)[1] * 8))
+
+
 ELEMENT_SHAPES = [(), (0,), (5,), (7, 3), (33, 129)]
 ELEMENT_IDS = ["0d", "empty", "5", "7x3", "33x129"]
 

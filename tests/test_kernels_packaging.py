@@ -4,13 +4,18 @@ None of these needs a GPU:
 
 * the wheel holds every ``.cu``/``.cuh`` under ``fastxent/kernels/``, and the loader of a
   non-editable install finds them through ``importlib.resources``;
-* ``ci/check_kernels.sh`` compiles every instantiation of the dtype table with nvcc for
-  sm_80 and sm_90 (where nvcc is installed; so CI compiles every kernel);
+* ``ci/check_kernels.sh`` compiles every instantiation of the dtype table for sm_80 and
+  sm_90 (nvcc front end for both; code generation by nvcc for sm_80 and by the loader's
+  NVRTC path for sm_90) where nvcc is installed, so CI compiles every kernel;
 * the dtype table names exactly the kernels the sources define;
 * every launch the backend makes -- through the public API, on each launch path --
   passes arguments whose count, kinds (pointer, int64, double, int32) and pointer dtypes
   match the kernel's C++ parameter list. CuPy does not check this (a mismatch is a silent
-  wrong result), so a fake CuPy module records the launches here, on numpy memory.
+  wrong result), so a fake CuPy module records the launches here, on numpy memory;
+* the launch plans stay within the device limits for any N and C;
+* the device functions of fx_formulas.cuh and the index arithmetic of fx_common.cuh
+  (row_apply's head / packs / tail, fill_range, Group<G>), compiled for the host, agree
+  with the reference and visit every element once with aligned, in-row 128-bit accesses.
 """
 
 import importlib.util
@@ -119,7 +124,7 @@ def test_importing_the_backend_does_not_import_cupy():
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),
                     reason="nvcc is not installed: the CUDA compile check needs the CUDA toolkit")
 def test_every_kernel_instantiation_compiles():
-    """bash ci/check_kernels.sh: nvcc -ptx for sm_80 and sm_90, warnings as errors."""
+    """bash ci/check_kernels.sh: sm_80 and sm_90 (nvcc and the loader's NVRTC path), warnings as errors."""
     result = subprocess.run(["bash", "ci/check_kernels.sh", "--nvrtc-arch", "90"], capture_output=True,
                             text=True, cwd=ROOT, env=dict(os.environ, PYTHON=sys.executable))
     print(result.stdout[-4000:])
@@ -434,7 +439,6 @@ HOST_SHIM = r"""#include <cmath>
 #define __noinline__
 #define __shared__ static
 #define asm(...)
-struct uint4 { unsigned x, y, z, w; };
 struct dim3s { unsigned x, y, z; };
 static dim3s threadIdx, blockIdx, blockDim, gridDim;
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
@@ -442,13 +446,17 @@ inline float __uint_as_float(unsigned i) { float f; memcpy(&f, &i, 4); return f;
 inline unsigned __float_as_uint(float f) { unsigned i; memcpy(&i, &f, 4); return i; }
 inline double __longlong_as_double(long long i) { double d; memcpy(&d, &i, 8); return d; }
 inline float __expf(float x) { return expf(x); }
-template <class T> T __ldcs(const T* p) { return *p; }
-template <class T> void __stcs(T* p, T v) { *p = v; }
 inline int __shfl_xor_sync(unsigned, int v, int, int) { return v; }
 inline int __shfl_sync(unsigned, int v, int, int) { return v; }
 inline void __syncthreads() {}
 inline void __syncwarp(unsigned) {}
 inline int atomicExch(int* p, int v) { int o = *p; *p = v; return o; }
+"""
+
+# 128-bit words and the streaming load/store intrinsics, plain (the formulas harness).
+HOST_WORDS = r"""struct uint4 { unsigned x, y, z, w; };
+template <class T> T __ldcs(const T* p) { return *p; }
+template <class T> void __stcs(T* p, T v) { *p = v; }
 """
 
 HOST_HARNESS = r"""#include "fx_formulas.cuh"
@@ -553,6 +561,16 @@ void categorical_row(const double* pd, const double* yd, long C, double lo, doub
 }
 
 template <class A>
+void sparse_categorical_row(const double* pd, long C, long y, double lo, double hi, int width, double* loss, double* grad) {
+    std::vector<ProbSumStats<A>> lanes(width); for (auto& l : lanes) l.init();
+    for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) lanes[lane].add((A)pd[c]);
+    ProbSumStats<A> t = tree(lanes);
+    A gy, gp;
+    *loss = sparse_categorical_loss((A)pd[y], t, (A)lo, (A)hi, gy, gp);
+    for (long c = 0; c < C; ++c) grad[c] = categorical_grad(c == y ? gy : A(0), t.s, gp, A(1));
+}
+
+template <class A>
 void elementwise(const double* xd, const double* zd, const double* qd, long n, double eps, double lo, double hi, double* out /*5n*/) {
     for (long i = 0; i < n; ++i) {
         A g; A l = sigmoid_xent((A)xd[i], (A)zd[i], (A)qd[i], (A)eps, A(1), g);
@@ -575,6 +593,8 @@ void hvp_row_f(const double* x, const double* v, long C, int width, double* o) {
 void hvp_row_d(const double* x, const double* v, long C, int width, double* o) { hvp_row<double>(x, v, C, width, o); }
 void categorical_row_f(const double* p, const double* y, long C, double lo, double hi, double eps, int width, double* l, double* g) { categorical_row<float>(p, y, C, lo, hi, eps, width, l, g); }
 void categorical_row_d(const double* p, const double* y, long C, double lo, double hi, double eps, int width, double* l, double* g) { categorical_row<double>(p, y, C, lo, hi, eps, width, l, g); }
+void sparse_categorical_row_f(const double* p, long C, long y, double lo, double hi, int width, double* l, double* g) { sparse_categorical_row<float>(p, C, y, lo, hi, width, l, g); }
+void sparse_categorical_row_d(const double* p, long C, long y, double lo, double hi, int width, double* l, double* g) { sparse_categorical_row<double>(p, C, y, lo, hi, width, l, g); }
 void elementwise_f(const double* x, const double* z, const double* q, long n, double eps, double lo, double hi, double* o) { elementwise<float>(x, z, q, n, eps, lo, hi, o); }
 void elementwise_d(const double* x, const double* z, const double* q, long n, double eps, double lo, double hi, double* o) { elementwise<double>(x, z, q, n, eps, lo, hi, o); }
 unsigned short bf16_round(float v) { return Narrow<bf16>::from(v).bits; }
@@ -590,7 +610,7 @@ def formulas(tmp_path_factory):
     import ctypes
 
     work = tmp_path_factory.mktemp("formulas")
-    (work / "harness.cpp").write_text(HOST_SHIM + HOST_HARNESS)
+    (work / "harness.cpp").write_text(HOST_SHIM + HOST_WORDS + HOST_HARNESS)
     library = work / "libfx_formulas.so"
     result = subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(KERNEL_DIR),
                              "-o", str(library), str(work / "harness.cpp")], capture_output=True, text=True)
@@ -775,3 +795,465 @@ def test_bfloat16_rounding_matches_ml_dtypes(formulas):
     assert (got == want).all(), values[got != want][:5]
     nan_bits = formulas.bf16_round(float("nan"))
     assert (nan_bits & 0x7F80) == 0x7F80 and (nan_bits & 0x7F) != 0
+
+
+@pytest.mark.parametrize("acc", list(HOST_ACC))
+@pytest.mark.parametrize("num_classes", [2, 5, 423])
+def test_sparse_categorical_formulas_match_the_reference(formulas, acc, num_classes):
+    """Including rows holding inf or NaN: the reference's sum_j g_j p_j meets 0 * inf on a
+    class whose g_j is 0, so the whole gradient row is NaN (the dense kernel and the CPU
+    backend agree); a kernel that forms only g_y p_y would give finite gradients there."""
+    import ctypes
+
+    from fastxent import reference as ref
+
+    np_type, _ = HOST_ACC[acc]
+    rng = np.random.default_rng(num_classes + 40)
+    c = num_classes
+    p = rng.random((8, c)) ** 3
+    p[1] = 0.0                       # 0 / 0: NaN
+    p[2, c - 1] = np.inf             # inf elsewhere than the label: NaN gradient, finite loss
+    p[3, 0] = np.inf                 # inf at the label
+    p[4, 1] = np.nan
+    p[5, 1] = 1e-30                  # clipped from below
+    p[6] = 0.0
+    p[6, 0] = 1.0                    # one-hot at the label: clipped from above
+    p[7, 1] = -np.inf
+    p = p.astype(np_type)
+    labels = np.array([0, 0, 0, 0, 0, 1, 0, 0])
+    d = ctypes.c_double
+    prtol = 1e-4 if acc == "float" else 1e-9
+    for epsilon in (1e-7, 1e-3):
+        lo, hi = float(np.asarray(epsilon).astype(np_type)), float(np.asarray(1 - epsilon).astype(np_type))
+        for width in (1, 8, 32):
+            for i in range(p.shape[0]):
+                loss, grad = d(), np.zeros(c)
+                getattr(formulas, f"sparse_categorical_row_{acc[0]}")(
+                    _dptr(p[i]), c, int(labels[i]), d(lo), d(hi), width, ctypes.byref(loss),
+                    grad.ctypes.data_as(ctypes.POINTER(d)))
+                want_loss, want_grad = ref.sparse_categorical_cross_entropy(p[i:i + 1], labels[i:i + 1],
+                                                                            epsilon=epsilon, return_grad=True)
+                what = f"sparse categorical {acc} C={c} width={width} eps={epsilon} row {i}"
+                _close(loss.value, want_loss[0], what, prtol, prtol)
+                _close(grad, want_grad[0], what + " grad", prtol, prtol)
+
+
+# ----------------------------------------------------------------------------
+# The kernels' index arithmetic, compiled for the host: every element once, every packed
+# access aligned and inside its row
+# ----------------------------------------------------------------------------
+# row_apply (head / 128-bit packs / tail, tiles of UNROLL packs, REVERSE), fill_range and
+# Group<G> come from fx_common.cuh unchanged. A checking uint4 stands in for CUDA's: its
+# copy constructor and assignment see the address of every 16-byte word the packed loads
+# read, and __stcs that of every packed store, so each is checked against the row span the
+# call may touch and the 16-byte grid. The visitor checks that every position is visited
+# once and receives the value stored at it; the outputs are checked element by element,
+# and every byte outside the visited spans must be unchanged. Buffers are laid out as
+# CuPy's (256-byte aligned base, optional element offset) and vec_ok is computed by the
+# backend's own cupy_cuda.vec_ok, so the host decision and the kernel arithmetic are
+# tested together, on every row phase of odd C (50257 float32 rows start on 4 phases).
+
+HOST_CHECKED_WORDS = r"""#include <cstdio>
+namespace hostcheck {
+struct Span { const char* lo; const char* hi; };
+static Span tracked[8]; static int ntracked = 0;  // whole buffers: accesses there are checked
+static Span allowed[8]; static int nallowed = 0;  // what the current call may touch
+static long packed = 0, misaligned = 0, outside = 0;
+inline void access(const void* p, size_t n) {
+    const char* c = (const char*)p;
+    bool mine = false;
+    for (int i = 0; i < ntracked; ++i) mine |= (c >= tracked[i].lo && c < tracked[i].hi);
+    if (!mine) return;  // a register copy
+    ++packed;
+    if ((uintptr_t)c % 16) ++misaligned;
+    for (int i = 0; i < nallowed; ++i) if (c >= allowed[i].lo && c + n <= allowed[i].hi) return;
+    ++outside;
+}
+}
+struct uint4 {
+    unsigned x, y, z, w;
+    uint4() = default;
+    uint4(const uint4& o) : x(o.x), y(o.y), z(o.z), w(o.w) { hostcheck::access(&o, 16); }
+    uint4& operator=(const uint4& o) { hostcheck::access(&o, 16); x = o.x; y = o.y; z = o.z; w = o.w; return *this; }
+};
+template <class T> T __ldcs(const T* p) { return *p; }
+template <class T> void __stcs(T* p, T v) { hostcheck::access(p, sizeof(T)); memcpy((void*)p, (const void*)&v, sizeof(T)); }
+"""
+
+ROW_APPLY_HARNESS = r"""#include "fx_common.cuh"
+#include <vector>
+using namespace fx;
+
+enum { E_PACKED, E_MISALIGNED, E_OUTSIDE, E_VISIT_RANGE, E_VISIT_COUNT, E_X, E_Y, E_OUT, E_UNTOUCHED, E_N };
+
+template <class T> const char* bytes(const T* p) { return (const char*)p; }
+template <class A> bool same(A a, A b) { return memcmp(&a, &b, sizeof(A)) == 0; }
+template <class T> bool same_storage(const T& a, const T& b) { return memcmp(&a, &b, sizeof(T)) == 0; }
+template <class A> A tag(long c, int k) { return A((c * 7 + k) % 200 + 1); }
+
+void track(const void* lo, long nbytes) {
+    hostcheck::tracked[hostcheck::ntracked++] = {(const char*)lo, (const char*)lo + nbytes};
+}
+void allow(const void* lo, const void* hi) { hostcheck::allowed[hostcheck::nallowed++] = {(const char*)lo, (const char*)hi}; }
+
+// One call of row_apply per lane on each of R rows of C elements ([c0, c1) of each row).
+template <class A, bool STREAM, bool REVERSE, class T, class Y, class O1, class O2>
+void run(const T* x, const Y* y, O1* o1, O2* o2, const char* lo, long nbytes, long R, long C, long c0, long c1,
+         int width, int vec_ok, long* err) {
+    std::vector<char> before(lo, lo + nbytes);  // the outputs' bytes (and inputs') before the call
+    hostcheck::ntracked = 0;
+    track(lo, nbytes);
+    hostcheck::packed = hostcheck::misaligned = hostcheck::outside = 0;
+    std::vector<T> x0((size_t)(R * C));
+    memcpy(x0.data(), x, sizeof(T) * R * C);
+    std::vector<int> count((size_t)C);
+    for (long r = 0; r < R; ++r) {
+        const T* xr = x + r * C;
+        const Y* yr = is_none<Y> ? nullptr : y + r * C;
+        O1* o1r = is_none<O1> ? nullptr : o1 + r * C;
+        O2* o2r = is_none<O2> ? nullptr : o2 + r * C;
+        hostcheck::nallowed = 0;
+        allow(xr + c0, xr + c1);
+        if (!is_none<Y>) allow(yr + c0, yr + c1);
+        if (!is_none<O1>) allow(o1r + c0, o1r + c1);
+        if (!is_none<O2>) allow(o2r + c0, o2r + c1);
+        std::fill(count.begin(), count.end(), 0);
+        const T* x0r = x0.data() + r * C;
+        for (int lane = 0; lane < width; ++lane) {
+            row_apply<A, STREAM, REVERSE>(c0, c1, xr, yr, o1r, o2r, lane, width, vec_ok != 0,
+                                          [&](i64 c, A xv, A yv, A& r1, A& r2) {
+                if (c < c0 || c >= c1) { ++err[E_VISIT_RANGE]; return; }
+                ++count[c];
+                if (!same(xv, to_acc<A>(x0r[c]))) ++err[E_X];
+                if constexpr (!is_none<Y>) { if (!same(yv, to_acc<A>(yr[c]))) ++err[E_Y]; }
+                r1 = tag<A>(c, 1);
+                r2 = tag<A>(c, 2);
+            });
+        }
+        for (long c = c0; c < c1; ++c) if (count[c] != 1) ++err[E_VISIT_COUNT];
+        for (long c = c0; c < c1; ++c) {
+            if constexpr (!is_none<O1>) { if (!same_storage(o1r[c], narrow<O1>(tag<A>(c, 1)))) ++err[E_OUT]; }
+            if constexpr (!is_none<O2>) { if (!same_storage(o2r[c], narrow<O2>(tag<A>(c, 2)))) ++err[E_OUT]; }
+        }
+    }
+    // Every byte outside the visited output spans is as it was.
+    std::vector<char> touched((size_t)nbytes, 0);
+    auto mark = [&](const void* p, long n) {
+        const char* b = (const char*)p;
+        for (long i = 0; i < n; ++i) touched[(size_t)(b - lo + i)] = 1;
+    };
+    for (long r = 0; r < R; ++r) {
+        if (!is_none<O1>) mark(o1 + r * C + c0, (long)sizeof(O1) * (c1 - c0));
+        if (!is_none<O2>) mark(o2 + r * C + c0, (long)sizeof(O2) * (c1 - c0));
+    }
+    for (long i = 0; i < nbytes; ++i) if (!touched[(size_t)i] && lo[i] != before[(size_t)i]) ++err[E_UNTOUCHED];
+    err[E_PACKED] += hostcheck::packed;
+    err[E_MISALIGNED] += hostcheck::misaligned;
+    err[E_OUTSIDE] += hostcheck::outside;
+}
+
+template <class T, class Y>
+void run_mode(int mode, void* x, void* y, void* o1, void* o2, const char* lo, long nbytes, long R, long C, long c0,
+              long c1, int width, int vec_ok, long* err) {
+    using A = acc_t<T>;
+    const T* xt = (const T*)x;
+    const Y* yt = (const Y*)y;
+    switch (mode) {
+        case 0: run<A, false, false>(xt, yt, (None*)nullptr, (None*)nullptr, lo, nbytes, R, C, c0, c1, width, vec_ok, err); break;  // statistics pass
+        case 1: run<A, true, true>(xt, yt, (T*)o1, (None*)nullptr, lo, nbytes, R, C, c0, c1, width, vec_ok, err); break;  // gradient pass (o1 may be x)
+        case 2: run<A, true, false>(xt, yt, (A*)o1, (T*)o2, lo, nbytes, R, C, c0, c1, width, vec_ok, err); break;  // elementwise loss + grad
+        case 3: run<A, true, false>(xt, yt, (None*)nullptr, (None*)nullptr, lo, nbytes, R, C, c0, c1, width, vec_ok, err); break;  // score
+    }
+}
+
+// tcode: 0 float, 1 double, 2 bf16; ycode: 0 none, 1 the score type, 2 the accumulation type.
+template <class T>
+void dispatch_y(int ycode, int mode, void* x, void* y, void* o1, void* o2, const char* lo, long nbytes, long R,
+                long C, long c0, long c1, int width, int vec_ok, long* err) {
+    if (ycode == 0) run_mode<T, None>(mode, x, y, o1, o2, lo, nbytes, R, C, c0, c1, width, vec_ok, err);
+    else if (ycode == 1) run_mode<T, T>(mode, x, y, o1, o2, lo, nbytes, R, C, c0, c1, width, vec_ok, err);
+    else run_mode<T, acc_t<T>>(mode, x, y, o1, o2, lo, nbytes, R, C, c0, c1, width, vec_ok, err);
+}
+
+template <class T>
+void fill_check(T* out, const char* lo, long nbytes, long R, long C, long c0, long c1, int width, long* err) {
+    std::vector<char> before(lo, lo + nbytes);
+    hostcheck::ntracked = 0;
+    track(lo, nbytes);
+    hostcheck::packed = hostcheck::misaligned = hostcheck::outside = 0;
+    using A = acc_t<T>;
+    for (long r = 0; r < R; ++r) {
+        T* orow = out + r * C;
+        hostcheck::nallowed = 0;
+        allow(orow + c0, orow + c1);
+        for (int lane = 0; lane < width; ++lane) fill_range(orow, c0, c1, A(3), lane, width);
+        for (long c = c0; c < c1; ++c) if (!same_storage(orow[c], narrow<T>(A(3)))) ++err[E_OUT];
+    }
+    std::vector<char> touched((size_t)nbytes, 0);
+    for (long r = 0; r < R; ++r) {
+        const char* b = (const char*)(out + r * C + c0);
+        for (long i = 0; i < (long)sizeof(T) * (c1 - c0); ++i) touched[(size_t)(b - lo + i)] = 1;
+    }
+    for (long i = 0; i < nbytes; ++i) if (!touched[(size_t)i] && lo[i] != before[(size_t)i]) ++err[E_UNTOUCHED];
+    err[E_PACKED] += hostcheck::packed;
+    err[E_MISALIGNED] += hostcheck::misaligned;
+    err[E_OUTSIDE] += hostcheck::outside;
+}
+
+// Group<G> on every thread of `grid` blocks of `block` threads: lanes, rows and shuffle masks,
+// and the grid-stride loop visiting each of N rows with exactly one group.
+template <int G>
+long group_check(int block, int grid, long N, long* visits) {
+    long bad = 0;
+    blockDim.x = block; gridDim.x = grid;
+    for (int b = 0; b < grid; ++b) {
+        blockIdx.x = b;
+        for (int t = 0; t < block; ++t) {
+            threadIdx.x = t;
+            const Group<G> g;
+            const int rows_per_block = block / G;
+            if (g.lane != t % G || g.width != G) ++bad;
+            if (g.first_row != (long)b * rows_per_block + t / G || g.row_stride != (long)grid * rows_per_block) ++bad;
+            unsigned want = 0;
+            for (int u = t / 32 * 32; u < t / 32 * 32 + 32 && u < block; ++u) if (u / G == t / G) want |= 1u << (u % 32);
+            if (g.mask != want) ++bad;
+            if (g.leader()) for (long row = g.first_row; row < N; row += g.row_stride) ++visits[row];
+        }
+    }
+    return bad;
+}
+
+extern "C" {
+void check_row_apply(int tcode, int ycode, int mode, void* x, void* y, void* o1, void* o2, const char* lo, long nbytes,
+                     long R, long C, long c0, long c1, int width, int vec_ok, long* err) {
+    if (tcode == 0) dispatch_y<float>(ycode, mode, x, y, o1, o2, lo, nbytes, R, C, c0, c1, width, vec_ok, err);
+    else if (tcode == 1) dispatch_y<double>(ycode, mode, x, y, o1, o2, lo, nbytes, R, C, c0, c1, width, vec_ok, err);
+    else dispatch_y<bf16>(ycode, mode, x, y, o1, o2, lo, nbytes, R, C, c0, c1, width, vec_ok, err);
+}
+void check_fill(int tcode, void* out, const char* lo, long nbytes, long R, long C, long c0, long c1, int width, long* err) {
+    if (tcode == 0) fill_check<float>((float*)out, lo, nbytes, R, C, c0, c1, width, err);
+    else if (tcode == 1) fill_check<double>((double*)out, lo, nbytes, R, C, c0, c1, width, err);
+    else fill_check<bf16>((bf16*)out, lo, nbytes, R, C, c0, c1, width, err);
+}
+long check_group(int G, int block, int grid, long N, long* visits) {
+    switch (G) {
+        case 4: return group_check<4>(block, grid, N, visits);
+        case 8: return group_check<8>(block, grid, N, visits);
+        case 16: return group_check<16>(block, grid, N, visits);
+        default: return group_check<32>(block, grid, N, visits);
+    }
+}
+}
+"""
+
+ERROR_NAMES = ["packed", "misaligned", "outside", "visit_range", "visit_count", "x", "y", "out", "untouched"]
+
+
+@pytest.fixture(scope="module")
+def row_apply_lib(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler: the host build of fx_common.cuh needs g++ or clang++")
+    import ctypes
+
+    work = tmp_path_factory.mktemp("row_apply")
+    (work / "row_apply.cpp").write_text(HOST_SHIM + HOST_CHECKED_WORDS + ROW_APPLY_HARNESS)
+    library = work / "librow_apply.so"
+    result = subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(KERNEL_DIR),
+                             "-o", str(library), str(work / "row_apply.cpp")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lib = ctypes.CDLL(str(library))
+    vp, lp = ctypes.c_void_p, ctypes.c_long
+    lib.check_row_apply.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, vp, vp, vp, vp, vp, lp, lp, lp, lp, lp,
+                                    ctypes.c_int, ctypes.c_int, vp]
+    lib.check_fill.argtypes = [ctypes.c_int, vp, vp, lp, lp, lp, lp, lp, ctypes.c_int, vp]
+    lib.check_group.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, lp, vp]
+    lib.check_group.restype = ctypes.c_long
+    return lib
+
+
+ARENA_ALIGN = 256  # CuPy's allocations
+
+
+class Arena:
+    """One host buffer holding several (R, C) arrays, each at a 256-byte aligned base plus
+    an element offset, as CuPy views of fresh allocations are laid out."""
+
+    def __init__(self, specs, rng):
+        # specs: [(dtype, shape, element offset)]
+        sizes = [ARENA_ALIGN * (-(-(np.dtype(d).itemsize * (int(np.prod(s)) + off) + 64) // ARENA_ALIGN))
+                 for d, s, off in specs]
+        self.raw = np.empty(sum(sizes) + ARENA_ALIGN, np.uint8)
+        base = (-self.raw.ctypes.data) % ARENA_ALIGN
+        self.buffer = self.raw[base:base + sum(sizes)]
+        self.buffer[:] = rng.integers(0, 256, self.buffer.size, dtype=np.uint8)  # garbage, as cupy.empty
+        self.arrays, start = [], 0
+        for (dtype, shape, off), size in zip(specs, sizes):
+            dtype = np.dtype(dtype)
+            count = int(np.prod(shape))
+            view = self.buffer[start + off * dtype.itemsize:start + (off + count) * dtype.itemsize].view(dtype)
+            self.arrays.append(view.reshape(shape).view(FakeDeviceArray))
+            start += size
+
+    @property
+    def lo(self):
+        return self.buffer.ctypes.data
+
+    @property
+    def nbytes(self):
+        return self.buffer.size
+
+
+def _distinct(shape, dtype, rng):
+    """Finite, mostly distinct values (bfloat16 as raw bits of moderate exponents)."""
+    dtype = np.dtype(dtype)
+    if dtype == BF16:
+        bits = rng.integers(0x3C00, 0x4800, int(np.prod(shape)), dtype=np.uint16)
+        return bits.view(BF16).reshape(shape)
+    return (rng.standard_normal(shape) * 100).astype(dtype)
+
+
+TCODES = {"float32": 0, "float64": 1, "bfloat16": 2}
+ROW_CLASSES = [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 127, 129, 257, 1023, 1025, 4099, 50257]
+
+
+def _check_errors(err, what, packed_expected):
+    errors = dict(zip(ERROR_NAMES, (int(e) for e in err)))
+    bad = {k: v for k, v in errors.items() if k != "packed" and v}
+    assert not bad, f"{what}: {bad}"
+    if packed_expected:
+        assert errors["packed"] > 0, f"{what}: no 128-bit access although vec_ok and the row is long"
+    return errors
+
+
+@pytest.mark.parametrize("tname", list(TCODES))
+def test_row_apply_visits_every_element_once_with_aligned_packs(row_apply_lib, tname):
+    import ctypes
+
+    dtype = np.dtype(BF16 if tname == "bfloat16" else tname)
+    acc = np.dtype(np.float64 if tname == "float64" else np.float32)
+    vec = cupy_cuda._vector_width(dtype)
+    rng = np.random.default_rng(TCODES[tname])
+    ycodes = {0: None, 1: dtype} if acc == dtype else {0: None, 1: dtype, 2: acc}
+    checked = 0
+    for num_classes in ROW_CLASSES:
+        rows = 9 if num_classes < 5000 else 3   # odd C: every row phase modulo the pack
+        shape = (rows, num_classes)
+        ranges = [(0, num_classes)]
+        if num_classes > 600:   # chunks as the split path cuts them (c0 a multiple of the aligned chunk)
+            chunk = 256
+            ranges += [(c0, min(c0 + chunk, num_classes)) for c0 in range(0, num_classes, chunk)][:3]
+            ranges += [(num_classes // chunk * chunk, num_classes)]
+        if num_classes > 2:     # any [c0, c1): heads and tails at both ends
+            ranges += [(1, num_classes - 1), (num_classes // 3, 2 * num_classes // 3 + 1)]
+        for x_off in sorted({0, 1, vec - 1}):
+            for other_off in sorted({x_off, (x_off + 1) % vec}):
+                for ycode, ytype in ycodes.items():
+                    for mode in (0, 1, 2, 3):
+                        for inplace in ((False, True) if mode == 1 else (False,)):
+                            if inplace and other_off != x_off:
+                                continue
+                            specs = [(dtype, shape, x_off), (ytype or dtype, shape, other_off),
+                                     (acc if mode == 2 else dtype, shape, other_off), (dtype, shape, other_off)]
+                            arena = Arena(specs, rng)
+                            x, y, o1, o2 = arena.arrays
+                            x[...] = _distinct(shape, dtype, rng)
+                            if ytype is not None:
+                                y[...] = _distinct(shape, ytype, rng)
+                            if inplace:
+                                o1 = x
+                            streams = [x] + ([y] if ytype is not None else []) + \
+                                      ([o1] if mode in (1, 2) else []) + ([o2] if mode == 2 else [])
+                            vec_ok = cupy_cuda.vec_ok(vec, *streams)
+                            assert vec_ok == int(other_off == x_off or (len(streams) == 1))
+                            for width in (1, 5, 8, 32, 256):
+                                if num_classes > 5000 and width in (5, 8):
+                                    continue
+                                for c0, c1 in ranges:
+                                    err = np.zeros(len(ERROR_NAMES), np.int64)
+                                    row_apply_lib.check_row_apply(
+                                        TCODES[tname], ycode, mode, x.data.ptr,
+                                        y.data.ptr if ytype is not None else None, o1.data.ptr, o2.data.ptr,
+                                        arena.lo, arena.nbytes, rows, num_classes, c0, c1, width, vec_ok,
+                                        err.ctypes.data_as(ctypes.c_void_p))
+                                    what = (f"{tname} C={num_classes} x_off={x_off} other_off={other_off} "
+                                            f"y={ycode} mode={mode} inplace={inplace} width={width} [{c0}, {c1})")
+                                    _check_errors(err, what, vec_ok and c1 - c0 >= 4 * vec)
+                                    checked += 1
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("tname", list(TCODES))
+def test_fill_range_writes_exactly_its_span(row_apply_lib, tname):
+    import ctypes
+
+    dtype = np.dtype(BF16 if tname == "bfloat16" else tname)
+    rng = np.random.default_rng(7)
+    for num_classes in ROW_CLASSES:
+        shape = (9 if num_classes < 5000 else 3, num_classes)
+        for off in range(cupy_cuda._vector_width(dtype)):
+            arena = Arena([(dtype, shape, off)], rng)
+            out = arena.arrays[0]
+            spans = [(0, num_classes)] + ([(256, min(512, num_classes))] if num_classes > 600 else [])
+            spans += [(1, num_classes - 1), (num_classes // 3, 2 * num_classes // 3 + 1)] if num_classes > 2 else []
+            for width in (1, 8, 32, 256):
+                for c0, c1 in spans:
+                    err = np.zeros(len(ERROR_NAMES), np.int64)
+                    row_apply_lib.check_fill(TCODES[tname], out.data.ptr, arena.lo, arena.nbytes, shape[0],
+                                             num_classes, c0, c1, width, err.ctypes.data_as(ctypes.c_void_p))
+                    _check_errors(err, f"fill_range {tname} C={num_classes} off={off} width={width} [{c0}, {c1})",
+                                  c1 - c0 >= 4 * cupy_cuda._vector_width(dtype))
+
+
+def test_groups_lanes_masks_and_grid_stride_rows(row_apply_lib):
+    """Group<G>: lane, first row, row stride and the shuffle mask of every thread (only the
+    lanes of its own row, so a group smaller than a warp never waits on another group);
+    the grid-stride loop gives each row to exactly one group, whether the grid covers the
+    rows or not (row_plan caps the grid at MAX_GRID)."""
+    import ctypes
+
+    for group in (4, 8, 16, 32):
+        for block in (32, 64, 256):
+            for grid, rows in ((1, 1), (3, 7), (4, 1000), (5, 5 * block // group), (2, 12345)):
+                visits = np.zeros(rows, np.int64)
+                bad = row_apply_lib.check_group(group, block, grid, rows, visits.ctypes.data_as(ctypes.c_void_p))
+                assert bad == 0, f"G={group} block={block} grid={grid}: {bad} bad lanes/rows/masks"
+                assert (visits == 1).all(), f"G={group} block={block} grid={grid} N={rows}: rows visited {visits}"
+
+
+def test_launch_plans_stay_within_device_limits():
+    """Every plan: block size a multiple of 32 within the kernel's launch bound; the grid
+    within CUDA's limits for any N (grid-stride loops cover the rest); the split path
+    covers each row exactly with non-empty chunks and a grid.y within 65535; the L2
+    residency cap leaves k blocks per SM and not k + 1, within the opt-in shared memory
+    (static partials of block_reduce included)."""
+    infos = [cupy_cuda.DeviceInfo(sms=132, l2_bytes=50 * 2**20, max_threads_per_sm=2048, smem_per_sm=233472,
+                                  smem_per_block_optin=232448, smem_reserved_per_block=1024),
+             cupy_cuda.DeviceInfo(sms=108, l2_bytes=40 * 2**20, max_threads_per_sm=2048, smem_per_sm=167936,
+                                  smem_per_block_optin=166912, smem_reserved_per_block=1024),
+             cupy_cuda.DeviceInfo(sms=46, l2_bytes=6 * 2**20, max_threads_per_sm=1536, smem_per_sm=102400,
+                                  smem_per_block_optin=101376, smem_reserved_per_block=1024)]
+    static_smem = 32 * 40  # block_reduce's partials of the largest statistics (ScoreStats<double>)
+    for info in infos:
+        for n in (1, 2, 7, 131, 132, 1000, 65535, 65536, 1_000_000, 3_000_000_000):
+            for c in (1, 2, 10, 64, 65, 1000, 1024, 1025, 5003, 16384, 50257, 128256, 262144, 2**22):
+                for itemsize in (2, 4, 8):
+                    for fused in (False, True):
+                        plan = cupy_cuda.row_plan(n, c, c * itemsize, info, fused)
+                        limit = 1024 if plan.group == 0 else cupy_cuda.GROUP_BLOCK_THREADS
+                        assert plan.threads % 32 == 0 and 32 <= plan.threads <= limit, plan
+                        assert 1 <= plan.grid <= 2**31 - 1, plan
+                        if plan.group:
+                            assert plan.threads % plan.group == 0
+                        if plan.smem:
+                            assert fused and plan.group == 0
+                            assert plan.smem + static_smem <= info.smem_per_block_optin, plan
+                            per_block = plan.smem + info.smem_reserved_per_block
+                            k = info.smem_per_sm // per_block
+                            assert k >= 1 and (k + 1) * per_block > info.smem_per_sm
+                            assert k * (per_block + static_smem) <= info.smem_per_sm, plan
+                split = cupy_cuda.split_plan(n, c, info)
+                if split is not None:
+                    assert 2 <= split.splits and n <= 65535, split
+                    assert (split.splits - 1) * split.chunk < c <= split.splits * split.chunk, (n, c, split)
+                    assert split.chunk % cupy_cuda.SPLIT_CHUNK_ALIGN == 0

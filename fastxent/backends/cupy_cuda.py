@@ -268,12 +268,11 @@ def kernel_source(filename):
 
 
 @functools.lru_cache(maxsize=None)
-def _module(expression):
+def _module(expression, options):
     import cupy
 
     filename = KERNELS[expression[len("fx::"):expression.index("<")]][0]
-    return cupy.RawModule(code=kernel_source(filename), options=COMPILE_OPTIONS,
-                          name_expressions=(expression,))
+    return cupy.RawModule(code=kernel_source(filename), options=options, name_expressions=(expression,))
 
 
 def get_kernel(kernel, *params):
@@ -283,7 +282,7 @@ def get_kernel(kernel, *params):
     follow :data:`KERNELS`. CuPy loads the module on each device it is launched on.
     """
     expression = name_expression(kernel, *params)
-    return _module(expression).get_function(expression)
+    return _module(expression, tuple(COMPILE_OPTIONS)).get_function(expression)
 
 
 def precompile(expressions=None, workers=None):
@@ -303,7 +302,7 @@ def precompile(expressions=None, workers=None):
 
     def build(expression):
         with cupy.cuda.Device(device_id):
-            _module(expression).get_function(expression)
+            _module(expression, tuple(COMPILE_OPTIONS)).get_function(expression)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         for future in [pool.submit(build, name) for name in names]:
@@ -463,15 +462,29 @@ def _i32(value):
     return np.int32(value)
 
 
-def _scale_args(grad_scale):
-    """(array or NULL, value) for the kernels' ``scale``/``scale_value`` pair."""
+def _scale_args(grad_scale, count):
+    """(array or NULL, value) for the kernels' ``scale``/``scale_value`` pair; an array
+    must hold ``count`` values (one per loss element: the kernels index it unchecked)."""
     import cupy
 
     if grad_scale is None:
         return _NULL, _f64(0.0)
     if isinstance(grad_scale, (int, float, np.floating, np.integer)):
         return _NULL, _f64(float(grad_scale))
-    return cupy.ascontiguousarray(grad_scale, dtype=np.float64).reshape(-1), _f64(0.0)
+    scale = cupy.ascontiguousarray(grad_scale, dtype=np.float64).reshape(-1)
+    _expect_size("grad_scale", scale, count)
+    return scale, _f64(0.0)
+
+
+def _expect_size(name, array, count):
+    """Guards the kernels' unchecked indexing against an operand of the wrong size."""
+    if array.size != count:
+        raise ValueError(f"{name} has {array.size} elements where the CUDA kernels index {count}")
+
+
+def _expect_shape(name, array, shape):
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, the CUDA kernels expect {tuple(shape)}")
 
 
 def _ignore_args(ignore_index):
@@ -493,19 +506,22 @@ def _contiguous(array):
     return cupy.ascontiguousarray(array)
 
 
-def _labels_for_kernel(labels):
-    """Class ids as int32/int64 (the kernels' label types), C-contiguous."""
+def _labels_for_kernel(labels, n_rows):
+    """Class ids as int32/int64 (the kernels' label types), C-contiguous, one per row."""
     import cupy
 
+    _expect_shape("labels", labels, (n_rows,))
     if _dtype_name(labels.dtype) in LABEL_TYPES:
         return cupy.ascontiguousarray(labels)
     return cupy.ascontiguousarray(labels).astype(np.int64)
 
 
-def _dense_operand(array, score_dtype, info):
+def _dense_operand(array, score_dtype, info, shape, what="labels"):
     """A dense second operand in the scores' dtype or the accumulation dtype, as is
     when it already is one (no copy), else cast by ``cast_elems`` (not CuPy's astype,
-    which for 16-bit types needs CUDA headers at run time)."""
+    which for 16-bit types needs CUDA headers at run time). It must have the scores'
+    ``shape``: the kernels read it at the scores' indices."""
+    _expect_shape(what, array, shape)
     score = _dtype_name(score_dtype)
     name = _dtype_name(array.dtype)
     array = _contiguous(array)
@@ -540,8 +556,8 @@ def _raise_on_bad_label(flag, labels, num_classes, ignore_index, label_shape):
     raise ValueError(message or f"labels hold a class id outside [0, {num_classes})")
 
 
-def _pos_weight_args(pos_weight):
-    """(mode, array or NULL, value) for the elementwise kernels' pos_weight."""
+def _pos_weight_args(pos_weight, shape):
+    """(mode, array or NULL, value) for the elementwise kernels' pos_weight over (R, K) ``shape``."""
     import cupy
 
     if pos_weight is None:
@@ -550,6 +566,7 @@ def _pos_weight_args(pos_weight):
         return _i32(_PW_SCALAR), _NULL, _f64(float(pos_weight))
     weights = cupy.ascontiguousarray(cupy.asarray(pos_weight), dtype=np.float64)
     mode = _PW_PER_COLUMN if weights.ndim == 1 else _PW_FULL
+    _expect_size("pos_weight", weights, shape[-1] if mode == _PW_PER_COLUMN else int(np.prod(shape)))
     return _i32(mode), weights.reshape(-1), _f64(1.0)
 
 
@@ -581,14 +598,15 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
             grad = logits if inplace else _empty(logits.shape, logits.dtype)
         if n_rows == 0:
             return loss, grad
-        ids = _labels_for_kernel(labels)
+        ids = _labels_for_kernel(labels, n_rows)
         weights = _NULL
         weight_sum = float(n_classes)
         if class_weight is not None:
             host_weights = np.ascontiguousarray(class_weight, dtype=np.float64)
+            _expect_shape("class_weight", host_weights, (n_classes,))
             weight_sum = float(host_weights.sum())
             weights = _to_device(host_weights)
-        scale, scale_value = _scale_args(grad_scale)
+        scale, scale_value = _scale_args(grad_scale, n_rows)
         ignore, has_ignore = _ignore_args(ignore_index)
         eps, zl = _f64(label_smoothing), _f64(z_loss)
         cap = _f64(softcap if softcap is not None else 0.0)
@@ -656,8 +674,8 @@ def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, 
             grad = logits if inplace else _empty(logits.shape, logits.dtype)
         if n_rows == 0:
             return loss, grad
-        targets = _dense_operand(labels, logits.dtype, info)
-        scale, scale_value = _scale_args(grad_scale)
+        targets = _dense_operand(labels, logits.dtype, info, logits.shape)
+        scale, scale_value = _scale_args(grad_scale, n_rows)
         vec = vec_ok(_vector_width(logits.dtype), logits, targets, grad)
         row_bytes = n_classes * (logits.dtype.itemsize + targets.dtype.itemsize)
         plan = row_plan(n_rows, n_classes, row_bytes, info, grad is not None)
@@ -710,7 +728,7 @@ def softmax_cross_entropy_hvp(logits, v):
         out = _empty(logits.shape, logits.dtype)
         if n_rows == 0:
             return out
-        vector = _dense_operand(v, logits.dtype, info)
+        vector = _dense_operand(v, logits.dtype, info, logits.shape, "v")
         row_bytes = n_classes * (logits.dtype.itemsize + vector.dtype.itemsize)
         plan = row_plan(n_rows, n_classes, row_bytes, info, True)
         kernel = get_kernel("hvp_rows", logits.dtype, vector.dtype, plan.group)
@@ -734,7 +752,7 @@ def score(logits, labels, ignore_index, *, label_shape=None):
                        correct=_empty(n_rows, np.bool_))
         if n_rows == 0:
             return fields
-        ids = _labels_for_kernel(labels)
+        ids = _labels_for_kernel(labels, n_rows)
         ignore, has_ignore = _ignore_args(ignore_index)
         flag = _zeros_flag()
         plan = row_plan(n_rows, n_classes, n_classes * logits.dtype.itemsize, info, False)
@@ -759,9 +777,9 @@ def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scal
         grad = _empty(probs.shape, probs.dtype) if grad_scale is not None else None
         if n_rows == 0:
             return loss, grad
-        targets = _dense_operand(labels, probs.dtype, info)
+        targets = _dense_operand(labels, probs.dtype, info, probs.shape)
         lo, hi = _clip_bounds(epsilon, probs.dtype)
-        scale, scale_value = _scale_args(grad_scale)
+        scale, scale_value = _scale_args(grad_scale, n_rows)
         row_bytes = n_classes * (probs.dtype.itemsize + targets.dtype.itemsize)
         plan = row_plan(n_rows, n_classes, row_bytes, info, True)
         kernel = get_kernel("categorical_rows", probs.dtype, targets.dtype, plan.group)
@@ -784,10 +802,10 @@ def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_
         grad = _empty(probs.shape, probs.dtype) if grad_scale is not None else None
         if n_rows == 0:
             return loss, grad
-        ids = _labels_for_kernel(labels)
+        ids = _labels_for_kernel(labels, n_rows)
         lo, hi = _clip_bounds(epsilon, probs.dtype)
         ignore, has_ignore = _ignore_args(ignore_index)
-        scale, scale_value = _scale_args(grad_scale)
+        scale, scale_value = _scale_args(grad_scale, n_rows)
         flag = _zeros_flag()
         plan = row_plan(n_rows, n_classes, n_classes * probs.dtype.itemsize, info, grad is not None)
         kernel = get_kernel("sparse_categorical_rows", probs.dtype, ids.dtype, plan.group)
@@ -812,9 +830,9 @@ def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scal
         n = logits.size
         if n == 0:
             return loss, grad
-        targets = _dense_operand(labels, logits.dtype, info)
-        mode, weights, weight_value = _pos_weight_args(pos_weight)
-        scale, scale_value = _scale_args(grad_scale)
+        targets = _dense_operand(labels, logits.dtype, info, logits.shape)
+        mode, weights, weight_value = _pos_weight_args(pos_weight, logits.shape)
+        scale, scale_value = _scale_args(grad_scale, n)
         vec = _vector_width(logits.dtype)
         kernel = get_kernel("sigmoid_xent_elems", logits.dtype, targets.dtype)
         _launch(kernel, _elementwise_grid(n, vec, info), ELEMENTWISE_BLOCK_THREADS,
@@ -832,8 +850,8 @@ def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
         n = logits.size
         if n == 0:
             return out
-        targets = _dense_operand(labels, logits.dtype, info)
-        mode, weights, weight_value = _pos_weight_args(pos_weight)
+        targets = _dense_operand(labels, logits.dtype, info, logits.shape)
+        mode, weights, weight_value = _pos_weight_args(pos_weight, logits.shape)
         vec = _vector_width(logits.dtype)
         kernel = get_kernel("sigmoid_hess_elems", logits.dtype, targets.dtype)
         _launch(kernel, _elementwise_grid(n, vec, info), ELEMENTWISE_BLOCK_THREADS,
@@ -851,9 +869,9 @@ def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale):
         n = probs.size
         if n == 0:
             return loss, grad
-        targets = _dense_operand(labels, probs.dtype, info)
+        targets = _dense_operand(labels, probs.dtype, info, probs.shape)
         lo, hi = _clip_bounds(epsilon, probs.dtype)
-        scale, scale_value = _scale_args(grad_scale)
+        scale, scale_value = _scale_args(grad_scale, n)
         vec = _vector_width(probs.dtype)
         kernel = get_kernel("binary_xent_elems", probs.dtype, targets.dtype)
         _launch(kernel, _elementwise_grid(n, vec, info), ELEMENTWISE_BLOCK_THREADS,
