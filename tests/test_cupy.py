@@ -730,6 +730,30 @@ def test_torch_cuda_tensors_through_dlpack(torch_dtype):
     assert abs(float(loss.get()) - float(expected_torch)) < 1e-4 * max(1.0, abs(float(expected_torch)))
 
 
+def test_everything_runs_on_the_current_stream():
+    """On a non-blocking stream (no implicit sync with the legacy default stream), results
+    read after that stream's synchronize match the reference: every allocation, copy (class
+    weights, label casts), launch and the bad-label flag read follow CuPy's current stream."""
+    logits = make_logits((64, 5003), np.float32, seed=39)
+    labels = make_class_ids((64,), 5003, seed=40, ignore_index=-100, ignore_fraction=0.2)
+    weights = np.random.default_rng(41).uniform(0.5, 2.0, 5003)
+    options = {"ignore_index": -100, "class_weight": weights, "label_smoothing": 0.1}
+    expected = ref.sparse_softmax_cross_entropy(logits, labels, reduction="mean", return_grad=True, **options)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        d_logits, d_labels = dev(logits), dev(labels.astype(np.int16))
+        got = fx.sparse_softmax_cross_entropy(d_logits, d_labels, reduction="mean", return_grad=True, **options)
+        fields = fx.score(d_logits, d_labels, ignore_index=-100)
+        bad = labels.copy()
+        bad[3] = 5003
+        with pytest.raises(ValueError):
+            fx.sparse_softmax_cross_entropy(d_logits, dev(bad), ignore_index=-100)
+        stream.synchronize()
+    compare(got, expected, np.float32, "non-blocking stream", atol_scale=row_scale(logits).max())
+    compare_score(to_host(fields), ref.score(logits, labels, ignore_index=-100), np.float32,
+                  "non-blocking stream score", row_scale(logits))
+
+
 def test_table_instantiations_all_load():
     """Every instantiation of the dtype table compiles and loads (cached by the fixture)."""
     assert cupy_cuda.precompile() == len(cupy_cuda.instantiations())
