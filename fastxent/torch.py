@@ -14,10 +14,12 @@ How a call runs
   view of the same bits, ``t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)``.
   The results come back with ``torch.from_numpy`` (again no copy).
 * **CUDA tensors** are handed to the CuPy backend through DLPack
-  (``cupy.from_dlpack``), with CuPy's current stream set to the tensor's
-  current torch stream, so the kernel is ordered after whatever produced the
-  logits and before whatever consumes the loss; the results come back with
-  ``torch.from_dlpack``. Nothing is copied between host and device.
+  (``cupy.from_dlpack``; bfloat16 as an int16 view retyped to
+  ``ml_dtypes.bfloat16``, which needs CuPy >= 14), with CuPy's current
+  stream set to the tensor's current torch stream, so the kernel is ordered
+  after whatever produced the logits and before whatever consumes the loss;
+  the results come back with ``torch.from_dlpack``. Nothing is copied between
+  host and device. (Written, not yet run on a GPU.)
 * Anything else (MPS, XLA, meta tensors) is a ``TypeError``.
 
 Forward and backward
@@ -102,12 +104,12 @@ def _as_array(tensor):
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     if t.device.type == "cuda":
-        import cupy
+        # The dispatcher's own DLPack route: bfloat16 included (through an int16
+        # view where CuPy's DLPack import refuses it), ordered on CuPy's current
+        # stream, which _on_stream_of makes the tensor's torch stream.
+        from fastxent._dispatch import as_device_array
 
-        try:
-            return cupy.from_dlpack(t)
-        except Exception as exc:  # noqa: BLE001 -- e.g. a dtype this CuPy cannot import
-            raise TypeError(f"a {t.dtype} CUDA tensor could not be handed to CuPy through DLPack: {exc}") from None
+        return as_device_array(t)
     raise TypeError(f"fastxent.torch runs on CPU and CUDA tensors, got a tensor on device {t.device}")
 
 
@@ -118,6 +120,8 @@ def _as_tensor(array):
         if array.dtype.name == "bfloat16":
             return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(array)
+    if getattr(array.dtype, "name", "") == "bfloat16":  # CuPy + ml_dtypes: hand the bits over
+        return torch.from_dlpack(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_dlpack(array)
 
 
