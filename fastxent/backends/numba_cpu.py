@@ -427,3 +427,16 @@ def softmax(x):
     out, view = _new_like(x)
     _log_softmax_kernel(_kernel_view(x), view, True, _acc_type(x.dtype))
     return out
+
+
+# The sigmoid and probability families, second order and score live in their
+# own module (built on the helpers above) and complete this backend's contract.
+from .numba_families import (  # noqa: E402  (needs the helpers defined above)
+    binary_cross_entropy,
+    categorical_cross_entropy,
+    score,
+    sigmoid_cross_entropy,
+    sigmoid_cross_entropy_hessian_diag,
+    softmax_cross_entropy_hvp,
+    sparse_categorical_cross_entropy,
+)
