@@ -490,7 +490,7 @@ def _entries(case, backends, peers, explicit_numpy):
         entries.append(Entry("read", "yardstick", "cpu", "read"))
         for backend in host_backends:
             if backend == "numpy" and not explicit_numpy and np.prod(case.shape) > REFERENCE_MAX_ELEMENTS:
-                skipped.append((f"fastxent[numpy]", f"the float64 reference is timed up to "
+                skipped.append(("fastxent[numpy]", f"the float64 reference is timed up to "
                                 f"{REFERENCE_MAX_ELEMENTS:,} elements (name it in --backend to force)"))
                 continue
             entries.append(Entry(f"fastxent[{backend}]", "backend", "cpu", backend))

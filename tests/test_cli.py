@@ -62,19 +62,6 @@ def logits_and_labels(shape=(300, 37), seed=0, ignore_every=7):
     return x.astype(np.float32), labels
 
 
-def _score_backend_args():
-    """The default backend when it runs fastxent.score, else the reference.
-
-    The score bundle arrives on the Numba backend after the softmax kernels;
-    until then the score-field tests run the same CLI path on backend="numpy".
-    """
-    try:
-        fx.score(np.zeros((2, 3), np.float32), np.array([0, 1]))
-    except AttributeError:
-        return ["--backend", "numpy"], "numpy"
-    return [], None
-
-
 # ----------------------------------------------------------------------------
 # fastxent bench
 # ----------------------------------------------------------------------------
@@ -109,7 +96,7 @@ def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     picture = tmp_path / "plot.png"
     status, out, err = run_cli("bench", "--quick", "--ops", "sparse_fwd", "--peers", "numpy",
-                                  "--backend", "numba", "--plot", picture)
+                               "--backend", "numba", "--plot", picture)
     assert status == 0, err
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -119,7 +106,7 @@ def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
     status, out, err = run_cli("bench", "--quick", "--plot", tmp_path / "p.png",
-                                  env_extra={"PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{REPO}"})
+                               env_extra={"PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{REPO}"})
     assert status == 2
     assert err.strip().splitlines() == ["fastxent bench: error: --plot needs matplotlib: "
                                         "pip install 'fastxent[plot]'"]
@@ -174,7 +161,7 @@ def test_score_loss_equals_library(tmp_path):
     np.save(tmp_path / "y.npy", y)
     # 2 KiB: chunks of 12 rows, so the 300 rows take 25 library calls.
     status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "loss.npy",
-                                  "--ignore-index", "-100", "--memory", "2k")
+                               "--ignore-index", "-100", "--memory", "2k")
     assert status == 0, err
     got = np.load(tmp_path / "loss.npy")
     want = fx.sparse_softmax_cross_entropy(x, y, ignore_index=-100)
@@ -188,15 +175,14 @@ def test_score_loss_equals_library(tmp_path):
 
 
 def test_score_every_field_equals_library(tmp_path):
-    backend_args, backend = _score_backend_args()
     x, y = logits_and_labels()
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     fields = "loss,lse,target_logprob,entropy,argmax,correct"
     status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "all.npz",
-                                  "--fields", fields, "--ignore-index", "-100", "--memory", "3k", *backend_args)
+                               "--fields", fields, "--ignore-index", "-100", "--memory", "3k")
     assert status == 0, err
-    want = fx.score(x, y, ignore_index=-100, backend=backend)
+    want = fx.score(x, y, ignore_index=-100)
     with np.load(tmp_path / "all.npz") as got:
         assert sorted(got.files) == sorted(fields.split(","))
         for name in fields.split(","):
@@ -209,21 +195,19 @@ def test_score_every_field_equals_library(tmp_path):
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_score_reductions_equal_library(tmp_path, reduction):
-    backend_args, backend = _score_backend_args()
     x, y = logits_and_labels()
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     fields = ["loss", "lse", "target_logprob", "entropy", "correct"]
     status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "r.npz",
-                                  "--fields", ",".join(fields), "--ignore-index", "-100",
-                                  "--reduction", reduction, "--memory", "2k", *backend_args)
+                               "--fields", ",".join(fields), "--ignore-index", "-100",
+                               "--reduction", reduction, "--memory", "2k")
     assert status == 0, err
-    s = fx.score(x, y, ignore_index=-100, backend=backend)
+    s = fx.score(x, y, ignore_index=-100)
     kept = y != -100
     reduce = np.sum if reduction == "sum" else np.mean
     want = {
-        "loss": float(fx.sparse_softmax_cross_entropy(x, y, ignore_index=-100, reduction=reduction,
-                                                      backend=backend)),
+        "loss": float(fx.sparse_softmax_cross_entropy(x, y, ignore_index=-100, reduction=reduction)),
         "lse": reduce(s.lse.astype(np.float64)),
         "target_logprob": reduce(s.target_logprob[kept].astype(np.float64)),
         "entropy": reduce(s.entropy.astype(np.float64)),
@@ -254,7 +238,7 @@ def test_score_more_dims_and_axis(tmp_path, layout):
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
     status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "l.npy",
-                                  "--axis", axis, "--memory", "4k")
+                               "--axis", axis, "--memory", "4k")
     assert status == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), fx.sparse_softmax_cross_entropy(x, y, axis=axis))
 
@@ -268,7 +252,7 @@ def test_score_bfloat16_raw_items(tmp_path):
     status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "l.npy")
     assert status == 2 and "--bfloat16" in err
     status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "l.npy",
-                                  "--bfloat16", "--memory", "2k")
+                               "--bfloat16", "--memory", "2k")
     assert status == 0, err
     np.testing.assert_array_equal(np.load(tmp_path / "l.npy"), fx.sparse_softmax_cross_entropy(xb, y))
 
