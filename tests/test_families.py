@@ -6,9 +6,10 @@ of ``tests/support.py``; then the second-order identities, the adversarial
 inputs (|x| up to 3e38, probabilities of exactly 0 and 1, -inf/NaN rows) and
 the vectorisation of every Numba kernel (numba_cpu's included).
 
-Compiled variants (each one ~2 s of CPU on a cold cache): every kernel is
+Compiled variants (1 to 3.5 s of CPU each on a cold cache): every kernel is
 called with labels of the scores' dtype, so each compiles once per score dtype
-and pass (forward-only, fused); ``test_label_dtypes`` adds two. Run
+and pass (forward-only, fused): 44; ``test_label_dtypes`` adds two and
+``test_hvp_with_v_of_another_dtype`` one, 47 in all. Run
 ``python -m tests.test_families`` to count them after a run of this file.
 """
 
