@@ -41,20 +41,6 @@ ROW_SHAPES = [(0, 5), (1, 2), (7, 3), (5, 423), (2, 50257)]
 ROW_IDS = [f"{n}x{c}" for n, c in ROW_SHAPES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _families_on_numba_backend():
-    """Route the numba backend to ``numba_families`` until ``numba_cpu`` re-exports it."""
-    saved = {name: getattr(numba_cpu, name, None) for name in families.__all__}
-    for name in families.__all__:
-        setattr(numba_cpu, name, getattr(families, name))
-    yield
-    for name, value in saved.items():
-        if value is None:
-            delattr(numba_cpu, name)
-        else:
-            setattr(numba_cpu, name, value)
-
-
 def _compare(result, expected, dtype, what):
     if isinstance(expected, tuple):
         (loss, grad), (expected_loss, expected_grad) = result, expected
