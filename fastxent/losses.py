@@ -98,6 +98,22 @@ def _mean_is_empty(reduction, denominator):
     return reduction == "mean" and float(denominator) == 0.0
 
 
+def _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp, elementwise=False):
+    """``(empty, grad_scale)`` for a backend call.
+
+    ``empty``: a mean over a zero denominator, whose gradient is all zeros (no
+    fused pass needed); ``grad_scale``: None for the forward-only kernel, else
+    the multiplier in the kernel's layout (rows ``(N,)`` or elements ``(R, K)``).
+    """
+    empty = return_grad and _mean_is_empty(reduction, denominator)
+    if not return_grad or empty:
+        return empty, None
+    scale = _grad_scale(grad_output, loss_shape, reduction, denominator, xp)
+    if isinstance(scale, float):
+        return empty, scale
+    return empty, (_elements(scale, xp) if elementwise else scale.reshape(-1))
+
+
 def _reduce(loss, reduction, denominator, xp):
     """Reduce the unreduced loss; a reduced loss is a 0-d array of the loss dtype.
 
@@ -224,12 +240,7 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
             picked = weights[xp.clip(flat_labels, 0, count - 1)]
             denominator = picked.sum() if counted is None else (picked * counted).sum()
     kernels = _dispatch.backend_module(name)
-    empty = return_grad and _mean_is_empty(reduction, denominator)
-    scale = None
-    if return_grad and not empty:
-        scale = _grad_scale(grad_output, loss_shape, reduction, denominator, xp)
-        if not isinstance(scale, float):
-            scale = scale.reshape(-1)
+    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
     rows = _rows(logits, ax, xp)
     loss, grad = kernels.sparse_softmax_cross_entropy(
         rows, flat_labels, ignore_index, class_weight, label_smoothing, z_loss, softcap, scale,
@@ -283,12 +294,7 @@ def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softc
             reduction=reduction, return_grad=return_grad, grad_output=grad_output)
 
     denominator = int(np.prod(loss_shape, dtype=np.int64))
-    empty = return_grad and _mean_is_empty(reduction, denominator)
-    scale = None
-    if return_grad and not empty:
-        scale = _grad_scale(grad_output, loss_shape, reduction, denominator, xp)
-        if not isinstance(scale, float):
-            scale = scale.reshape(-1)
+    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
     kernels = _dispatch.backend_module(name)
     loss, grad = kernels.softmax_cross_entropy(
         _rows(logits, ax, xp), _rows(labels, ax, xp), label_smoothing, softcap, scale)
@@ -387,12 +393,8 @@ def _elementwise(fn, first_name, first, labels, options, reduction, return_grad,
         return getattr(_reference(), fn)(first, labels, **options, reduction=reduction,
                                          return_grad=return_grad, grad_output=grad_output)
     denominator = first.size
-    empty = return_grad and _mean_is_empty(reduction, denominator)
-    scale = None
-    if return_grad and not empty:
-        scale = _grad_scale(grad_output, first.shape, reduction, denominator, xp)
-        if not isinstance(scale, float):
-            scale = _elements(scale, xp)
+    empty, scale = _kernel_scale(return_grad, grad_output, first.shape, reduction, denominator, xp,
+                                 elementwise=True)
     kernel_options = dict(options)
     if "pos_weight" in kernel_options:
         kernel_options["pos_weight"] = _pos_weight_for_kernel(kernel_options["pos_weight"], first.shape, xp)
@@ -494,12 +496,7 @@ def categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, label_smo
             probs, labels, axis=ax, epsilon=epsilon, label_smoothing=label_smoothing,
             reduction=reduction, return_grad=return_grad, grad_output=grad_output)
     denominator = int(np.prod(loss_shape, dtype=np.int64))
-    empty = return_grad and _mean_is_empty(reduction, denominator)
-    scale = None
-    if return_grad and not empty:
-        scale = _grad_scale(grad_output, loss_shape, reduction, denominator, xp)
-        if not isinstance(scale, float):
-            scale = scale.reshape(-1)
+    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
     loss, grad = _dispatch.backend_module(name).categorical_cross_entropy(
         _rows(probs, ax, xp), _rows(labels, ax, xp), epsilon, label_smoothing, scale)
     if grad is not None:
@@ -546,12 +543,7 @@ def sparse_categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, ig
     denominator = flat_labels.size
     if reduction == "mean" and ignore_index is not None:
         denominator = (flat_labels != ignore_index).sum()
-    empty = return_grad and _mean_is_empty(reduction, denominator)
-    scale = None
-    if return_grad and not empty:
-        scale = _grad_scale(grad_output, loss_shape, reduction, denominator, xp)
-        if not isinstance(scale, float):
-            scale = scale.reshape(-1)
+    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
     loss, grad = _dispatch.backend_module(name).sparse_categorical_cross_entropy(
         _rows(probs, ax, xp), flat_labels, epsilon, ignore_index, scale, **_label_shape(on_device, labels))
     if grad is not None:
