@@ -577,7 +577,7 @@ def score(logits, labels, *, axis=-1, ignore_index=None):
 
         loss = lse - x_y               (the unreduced sparse softmax cross-entropy)
         target_logprob = x_y - lse
-        entropy = -Σ_c p_c log p_c = lse - Σ_c p_c x_c   (p_c == 0 terms contribute 0)
+        entropy = -Σ_c p_c log p_c = Σ_c p_c (lse - x_c)   (p_c == 0 terms contribute 0)
         argmax = first index of the row max (np.argmax; the first NaN if any)
         correct = argmax == y
 
@@ -605,7 +605,8 @@ def score(logits, labels, *, axis=-1, ignore_index=None):
     x = _rows(logits, axis)
     kept, target, onehot = _targets(labels, ignore_index, x.shape[-1])
     loss, _, lse, p = _softmax_xent(x, onehot)
-    entropy = lse - np.sum(_xy(p, x), axis=-1)
+    # sum p (lse - x), not lse - sum p x: the latter cancels at |x| ~ 1e4 (2e-9 off log 2).
+    entropy = np.sum(_xy(p, lse[..., None] - x), axis=-1)
     argmax = np.asarray(np.argmax(x, axis=-1), dtype=np.int64)
     dtype = loss_dtype(np.asarray(logits).dtype)
     return Score(

@@ -112,6 +112,18 @@ def _ignore_value(ignore_index):
 # Shared per-element math (one definition per formula)
 # ----------------------------------------------------------------------------
 
+@njit(cache=True, fastmath={"contract"}, error_model="numpy", forceinline=True)
+def _log_prob(value, shift, log_sum):
+    """``(value - shift) - log_sum``: a log-probability, in this order.
+
+    Compiled on its own without ``reassoc`` (LLVM keeps each instruction's
+    flags when it inlines), since the kernels' ``reassoc`` may rewrite it as
+    ``value - (shift + log_sum)``, which at |x| = 1e4 in float32 loses 3e-4
+    of log 2 (found by tests/test_properties.py).
+    """
+    return (value - shift) - log_sum
+
+
 @njit(inline="always", fastmath=FASTMATH)
 def _capped(value, softcap):
     """Gemma 2 soft-capping ``c * tanh(x / c)``; the identity when ``softcap`` is None."""
@@ -141,11 +153,14 @@ def _chunk_max(row, start, stop, acc):
 
 @njit(inline="always", fastmath=FASTMATH)
 def _row_lse(row, softcap, acc):
-    """``log(sum(exp(t)))`` of one row (t = capped scores) in one read, chunk by chunk.
+    """``log(sum(exp(t)))`` of one row (t = capped scores) in one read, chunk by chunk,
+    as the pair ``(shift, log_sum)`` with ``lse = shift + log_sum``.
 
     Each chunk contributes ``(shift, sum exp(t - shift))``, merged into the
     running pair. A chunk that is all ``-inf`` adds nothing; a row that is all
-    ``-inf`` or holds NaN/+inf gives NaN.
+    ``-inf`` or holds NaN/+inf gives a NaN ``log_sum``. Callers keep the pair
+    apart: ``(t - shift) - log_sum`` is exact where ``t - lse`` is not (at
+    |x| = 1e4 float32 rounds lse to 1e-3, a 3e-4 relative error on log 2).
     """
     count = row.shape[0]
     running_max = acc(-np.inf)
@@ -165,8 +180,8 @@ def _row_lse(row, softcap, acc):
             else:
                 running_sum += chunk_sum * nm.exp_approx(shift - running_max)
     if running_sum > 0:
-        return running_max + acc(math.log(running_sum))
-    return acc(np.nan)
+        return running_max, acc(math.log(running_sum))
+    return running_max, acc(np.nan)
 
 
 @njit(inline="always", fastmath=FASTMATH)
@@ -177,7 +192,7 @@ def _row_exp_into(row, out_row, acc):
     gradient pass be a multiply-subtract instead of a second exp per element
     (measured: fused pass 1.6x faster at 4096 x 32000). The row is read from
     memory once by the max and again from L2 (a 32000-float row is 128 KB).
-    Returns ``(lse, 1 / sum)``; NaN lse for the rows ``_row_lse`` makes NaN.
+    Returns ``(shift, log_sum, 1 / sum)`` (see ``_row_lse``); NaN for the rows ``_row_lse`` makes NaN.
     """
     peak = _chunk_max(row, 0, row.shape[0], acc)
     shift = peak if peak != -np.inf else acc(0.0)
@@ -187,16 +202,16 @@ def _row_exp_into(row, out_row, acc):
         out_row[j] = value
         total += value
     if total > 0:
-        return shift + acc(math.log(total)), acc(1.0) / total
-    return acc(np.nan), acc(np.nan)
+        return shift, acc(math.log(total)), acc(1.0) / total
+    return shift, acc(np.nan), acc(np.nan)
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _row_weighted_sum(row, weights, softcap, acc):
-    """``sum_c w_c t_c``: the label-smoothing term (weights in the accumulation type)."""
+def _row_weighted_gap(row, weights, shift, softcap, acc):
+    """``sum_c w_c (shift - t_c)``: the label-smoothing term without ``W lse``'s cancellation."""
     total = acc(0.0)
     for j in range(row.shape[0]):
-        total += weights[j] * _capped(nm.load(row[j]), softcap)
+        total += weights[j] * (shift - _capped(nm.load(row[j]), softcap))
     return total
 
 
@@ -211,29 +226,32 @@ def _xlogy_term(weight, value):
 # ----------------------------------------------------------------------------
 
 @njit(inline="always", fastmath=FASTMATH)
-def _softmax_grad(raw, coef, offset, lse, softcap, acc):
+def _softmax_grad(raw, coef, offset, shift, log_sum, softcap, acc):
     """``(coef * p - offset) * dt/dx`` for one score: every softmax-family gradient element.
 
-    ``p = exp(t - lse)`` with ``t`` the (capped) score; sparse rows use
+    ``p = exp((t - shift) - log_sum)`` with ``t`` the (capped) score; sparse rows use
     ``coef = g (sum of label weights) and offset = g (e/C) w_c`` (the target's
     own term is added afterwards), soft rows ``coef = g sum(y')``, ``offset = g y'_c``.
     """
     capped = _capped(nm.load(raw), softcap)
-    return (coef * nm.exp_approx(capped - lse) - offset) * _capped_slope(capped, softcap, acc)
+    return (coef * nm.exp_approx(_log_prob(capped, shift, log_sum)) - offset) * _capped_slope(capped, softcap, acc)
 
 
 @njit(inline="always", fastmath=FASTMATH)
 def _row_lse_for(row, grad, i, keep_exp, softcap, acc):
-    """The row's lse, and ``1/sum(exp)`` when the exponentials were kept in ``grad[i]``."""
+    """``(shift, log_sum, 1/sum)``; the last only when the exponentials were kept in ``grad[i]``."""
     if grad is None:
-        return _row_lse(row, softcap, acc), acc(0.0)
+        shift, log_sum = _row_lse(row, softcap, acc)
+        return shift, log_sum, acc(0.0)
     if keep_exp:
         return _row_exp_into(row, grad[i], acc)
-    return _row_lse(row, softcap, acc), acc(0.0)
+    shift, log_sum = _row_lse(row, softcap, acc)
+    return shift, log_sum, acc(0.0)
 
 
 @njit(inline="always", fastmath=FASTMATH)
-def _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, lse, offsets, offset_scale, softcap, acc):
+def _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, shift, log_sum, offsets, offset_scale,
+                     softcap, acc):
     """``grad_row[j] = (coef * p_j - offset_scale * offsets[j]) * dt/dx`` for the whole row.
 
     With ``keep_exp`` the row already holds ``exp(x - m)`` and ``p_j`` is one
@@ -252,7 +270,7 @@ def _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, lse, offsets,
             offset = acc(0.0)
             if offsets is not None:
                 offset = offset_scale * nm.load(offsets[j])
-            grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, lse, softcap, acc), grad)
+            grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, shift, log_sum, softcap, acc), grad)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -277,12 +295,13 @@ def _sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smo
                     grad[i, j] = nm.store(acc(0.0), grad)
             continue
         row = logits[i]
-        lse, inv_sum = _row_lse_for(row, grad, i, keep_exp, softcap, acc)
+        shift, log_sum, inv_sum = _row_lse_for(row, grad, i, keep_exp, softcap, acc)
+        lse = shift + log_sum
         target = _capped(nm.load(row[label]), softcap)
         weight = class_weight[label]
-        value = keep * weight * (lse - target) + z_loss * lse * lse
+        value = keep * weight * -_log_prob(target, shift, log_sum) + z_loss * lse * lse
         if smoothing != 0:
-            value += share * (weight_total * lse - _row_weighted_sum(row, class_weight, softcap, acc))
+            value += share * (weight_total * log_sum + _row_weighted_gap(row, class_weight, shift, softcap, acc))
         loss[i] = value
         if grad is not None:
             g = acc(scale[i * step])
@@ -291,10 +310,10 @@ def _sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smo
             # Reading the C class weights halves the loop's speed (measured 0.74
             # vs 1.5 elements/ns): the unsmoothed loop does not touch them.
             if smoothing == 0:
-                _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, lse, None, acc(0.0),
+                _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, shift, log_sum, None, acc(0.0),
                                  softcap, acc)
             else:
-                _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, lse, class_weight,
+                _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, shift, log_sum, class_weight,
                                  g * share, softcap, acc)
             # The target's own term -g (1-e) w_y: added to the kept float32/64
             # value, or the element recomputed whole (a 16-bit value rounded
@@ -304,7 +323,8 @@ def _sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smo
                 grad_row[label] = nm.store(nm.load(grad_row[label]) - own, grad)
             else:
                 offset = own + g * share * class_weight[label]
-                grad_row[label] = nm.store(_softmax_grad(row[label], coef, offset, lse, softcap, acc), grad)
+                grad_row[label] = nm.store(
+                    _softmax_grad(row[label], coef, offset, shift, log_sum, softcap, acc), grad)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -325,6 +345,7 @@ def _sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, los
         flat = logits[first:first + size].reshape(size * count)
         shifts = np.empty(size * count, dtype=acc)
         peaks = np.empty(size, dtype=acc)
+        totals = np.empty(size, dtype=acc)
         for r in range(size):
             # A float max is 3x faster than integer keys on 10-element rows; a
             # NaN it skips still reaches the sum through exp(NaN - peak).
@@ -342,14 +363,15 @@ def _sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, los
             total = acc(0.0)
             for c in range(count):
                 total += shifts[r * count + c]
-            peaks[r] = peaks[r] + nm.log_approx(total) if total > 0 else acc(np.nan)
+            totals[r] = nm.log_approx(total) if total > 0 else acc(np.nan)
         for r in range(size):
             label = labels[first + r]
             if label == ignore_index:
                 loss[first + r] = 0
             else:
-                lse = peaks[r]
-                loss[first + r] = class_weight[label] * (lse - nm.load(flat[r * count + label])) + z_loss * lse * lse
+                gap = -_log_prob(nm.load(flat[r * count + label]), peaks[r], totals[r])
+                lse = peaks[r] + totals[r]
+                loss[first + r] = class_weight[label] * gap + z_loss * lse * lse
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -367,14 +389,14 @@ def _soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss
     for i in prange(logits.shape[0]):
         row = logits[i]
         targets = labels[i]
-        lse, inv_sum = _row_lse_for(row, grad, i, keep_exp, softcap, acc)
+        shift, log_sum, inv_sum = _row_lse_for(row, grad, i, keep_exp, softcap, acc)
         label_total = acc(0.0)
-        dot = acc(0.0)
+        gap = acc(0.0)
         for j in range(count):
             y = keep * acc(nm.load(targets[j])) + share
             label_total += y
-            dot += _xlogy_term(y, _capped(nm.load(row[j]), softcap))
-        loss[i] = label_total * lse - dot
+            gap += _xlogy_term(y, shift - _capped(nm.load(row[j]), softcap))
+        loss[i] = label_total * log_sum + gap
         if grad is not None:
             g = acc(scale[i * step])
             grad_row = grad[i]
@@ -387,7 +409,7 @@ def _soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss
                 coef = g * label_total
                 for j in range(count):
                     offset = g * (keep * acc(nm.load(targets[j])) + share)
-                    grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, lse, softcap, acc), grad)
+                    grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, shift, log_sum, softcap, acc), grad)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -397,7 +419,8 @@ def _lse_kernel(x, out, acc):
     both into NaN, so ``_row_lse`` does; the rare NaN rows are rescanned here)."""
     for i in prange(x.shape[0]):
         row = x[i]
-        lse = _row_lse(row, None, acc)
+        shift, log_sum = _row_lse(row, None, acc)
+        lse = shift + log_sum
         if lse != lse:
             has_nan = False
             has_inf = False
@@ -411,16 +434,16 @@ def _lse_kernel(x, out, acc):
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _log_softmax_kernel(x, out, exponentiate, acc):
-    """``x - lse`` per row, or ``exp(x - lse)`` when ``exponentiate``."""
+    """``(x - shift) - log_sum`` per row, or its exp when ``exponentiate``."""
     for i in prange(x.shape[0]):
         row = x[i]
-        lse = _row_lse(row, None, acc)
+        shift, log_sum = _row_lse(row, None, acc)
         if exponentiate:
             for j in range(row.shape[0]):
-                out[i, j] = nm.store(nm.exp_approx(nm.load(row[j]) - lse), out)
+                out[i, j] = nm.store(nm.exp_approx(_log_prob(nm.load(row[j]), shift, log_sum)), out)
         else:
             for j in range(row.shape[0]):
-                out[i, j] = nm.store(nm.load(row[j]) - lse, out)
+                out[i, j] = nm.store(_log_prob(nm.load(row[j]), shift, log_sum), out)
 
 
 # ----------------------------------------------------------------------------
