@@ -180,6 +180,7 @@ def _numpy_score(logits, labels):
 
 
 def _numpy_sigmoid(logits, labels, with_grad):
+    @np.errstate(over="ignore")  # exp(-x) -> inf for x < -88 gives the right 0 in 1 / (1 + inf)
     def run():
         x = _as_float32(logits)
         loss = np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))
