@@ -738,7 +738,7 @@ def table(rows):
 LEGEND = "\n".join((
     "- median: of the timed runs (see above).",
     "- GB/s: bytes the op must move (logits and labels read, loss and gradient written) / median.",
-    "- x read: median / the time of one read of the same logits (`x.max(axis=-1)`); 1.0 is the floor.",
+    "- x read: median / the time of one read of the same logits (`x.max()`); 1.0 is the floor.",
     "- vs P: P's median / this row's median (above 1: this row is faster).",
     "- ref: ✓ agrees with the float64 reference (`backend=\"numpy\"`) within the dtype's tolerance "
     "(per-row losses on every row, gradients and the other fields on sampled rows), ✗ does not, "
