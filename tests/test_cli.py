@@ -134,6 +134,7 @@ def test_bench_without_ml_dtypes_skips_bfloat16(tmp_path):
     (["--dtypes", "int8"], "--dtypes: 'int8' is not one of"),
     (["--backend", "cupy"], "--backend 'cupy' is not available here"),
     (["--repeat", "0"], "argument --repeat: 0 is not at least 1"),
+    (["--peers", "pytorch"], "--peers: 'pytorch' is not one of jax, numpy"),
 ])
 def test_bench_bad_options(args, message):
     if args == ["--backend", "cupy"] and "cupy" in fx.available_backends():
