@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _peers
-from ._peers import GPU_PEERS, PEERS  # noqa: F401 -- the names --peers accepts (cli.py)
 
 #: The built-in default: sparse softmax cross-entropy forward and fused
 #: forward+backward at an LLM vocabulary, a mid-size classifier and a short

@@ -149,7 +149,7 @@ def _bench(args):
     peers = None
     if args.peers is not None:
         peers = [] if args.peers.strip() == "none" else [p.strip() for p in args.peers.split(",") if p.strip()]
-        known = sorted({name for table in (bench.PEERS, bench.GPU_PEERS) for op in table.values() for name in op})
+        known = sorted({name for table in (bench._peers.PEERS, bench._peers.GPU_PEERS) for op in table.values() for name in op})
         for name in peers:
             if name not in known:
                 raise CommandError(f"--peers: {name!r} is not one of {', '.join(known)} (or 'none')")
