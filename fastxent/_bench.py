@@ -12,8 +12,10 @@ then times, one after the other in this process:
   ``GPU_PEERS``).
 
 Timing: one warm-up call first (it compiles the Numba kernels, or loads them
-from the on-disk cache, jit-compiles the peers and faults the output pages
-in), excluded; then :func:`_runs` timed calls, the median reported. On the CPU
+from the on-disk cache, and jit-compiles the peers), excluded; its result is
+checked and dropped; then timed calls as :func:`_keep_going` decides (at least
+two, usually three or more), the median reported. The float64 reference is
+timed from its first call (it compiles nothing and takes seconds). On the CPU
 each call is timed with ``time.perf_counter``; on a CUDA device with CUDA
 events on the null stream, the L2 cache flushed before each call (llm.c).
 
@@ -22,7 +24,7 @@ Agreement: each result is compared with the float64 reference
 per-row losses (and lse) on every row, the reduced loss against the mean of
 the reference's per-row losses, gradients and the other fields on a sample of
 rows spread over the array (the reference needs ~40 bytes per element, too
-much for 131 M elements in a one-minute benchmark).
+much for 131 M elements in a benchmark of a minute or two).
 
 GB/s is ``fastxent._peers.bytes_moved`` (logits and labels read, loss and
 gradient written) over the median time; ``x read`` is the time over the
