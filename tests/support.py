@@ -86,3 +86,24 @@ def make_distribution(shape, axis=-1, seed=2, dtype=np.float32, sparsity=0.3):
     total = y.sum(axis=axis, keepdims=True)
     y = np.divide(y, total, out=np.zeros_like(y), where=total > 0)
     return y.astype(dtype)
+
+
+#: The sparse softmax options every backend's equivalence suite runs (one table).
+SPARSE_OPTIONS = {
+    "plain": {},
+    "ignore": {"ignore_index": -100},
+    "weights": {"class_weight": "random"},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 4.0},
+    "all": {"ignore_index": -100, "class_weight": "random", "label_smoothing": 0.2,
+            "z_loss": 1e-4, "softcap": 6.0},
+}
+
+
+def sparse_options(name, num_classes):
+    """The keyword arguments of option set ``name`` (random class weights made concrete)."""
+    options = dict(SPARSE_OPTIONS[name])
+    if options.get("class_weight") == "random":
+        options["class_weight"] = np.random.default_rng(5).uniform(0.2, 2.0, num_classes)
+    return options

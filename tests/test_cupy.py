@@ -37,6 +37,7 @@ from fastxent import reference as ref  # noqa: E402
 from fastxent.backends import cupy_cuda  # noqa: E402
 from tests.support import (  # noqa: E402
     BF16,
+    SPARSE_OPTIONS,
     DTYPE_IDS,
     FLOAT_DTYPES,
     assert_close,
@@ -44,6 +45,7 @@ from tests.support import (  # noqa: E402
     make_class_ids,
     make_distribution,
     make_logits,
+    sparse_options,
     tolerance,
 )
 
@@ -121,23 +123,6 @@ def row_scale(logits, axis=-1):
 SHAPES = [(0, 5), (1, 2), (37, 3), (9, 423), (3, 50257)]
 SHAPE_IDS = [f"{n}x{c}" for n, c in SHAPES]
 
-SPARSE_OPTIONS = {
-    "plain": {},
-    "ignore": {"ignore_index": -100},
-    "weights": {"class_weight": "random"},
-    "smoothing": {"label_smoothing": 0.1},
-    "z_loss": {"z_loss": 1e-3},
-    "softcap": {"softcap": 4.0},
-    "all": {"ignore_index": -100, "class_weight": "random", "label_smoothing": 0.2,
-            "z_loss": 1e-4, "softcap": 6.0},
-}
-
-
-def sparse_options(name, num_classes):
-    options = dict(SPARSE_OPTIONS[name])
-    if options.get("class_weight") == "random":
-        options["class_weight"] = np.random.default_rng(5).uniform(0.2, 2.0, num_classes)
-    return options
 
 
 def check_sparse(logits, labels, options, dtype, what, reductions=("none", "sum", "mean"), **call):

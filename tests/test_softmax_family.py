@@ -10,6 +10,8 @@ import pytest
 import fastxent as fx
 from fastxent import reference as ref
 from tests.support import (
+    SPARSE_OPTIONS,
+    sparse_options,
     DTYPE_IDS,
     FLOAT_DTYPES,
     assert_close,
@@ -22,25 +24,6 @@ from tests.support import (
 BACKENDS = ["numba", "numpy"]
 SHAPES = [(0, 5), (1, 2), (7, 3), (5, 423), (2, 50257)]
 SHAPE_IDS = [f"{n}x{c}" for n, c in SHAPES]
-
-SPARSE_OPTIONS = {
-    "plain": {},
-    "ignore": {"ignore_index": -100},
-    "weights": {"class_weight": "random"},
-    "smoothing": {"label_smoothing": 0.1},
-    "z_loss": {"z_loss": 1e-3},
-    "softcap": {"softcap": 4.0},
-    "all": {"ignore_index": -100, "class_weight": "random", "label_smoothing": 0.2,
-            "z_loss": 1e-4, "softcap": 6.0},
-}
-
-
-def _sparse_options(options, num_classes):
-    options = dict(options)
-    if options.get("class_weight") == "random":
-        options["class_weight"] = np.random.default_rng(5).uniform(0.2, 2.0, num_classes)
-    return options
-
 
 def _compare(result, expected, dtype, what):
     if isinstance(expected, tuple):
@@ -61,7 +44,7 @@ def _compare(result, expected, dtype, what):
 @pytest.mark.parametrize("option", list(SPARSE_OPTIONS))
 def test_sparse_matches_reference(backend, dtype, shape, option):
     logits = make_logits(shape, dtype)
-    options = _sparse_options(SPARSE_OPTIONS[option], shape[1])
+    options = sparse_options(option, shape[1])
     labels = make_class_ids(shape[:1], shape[1], ignore_index=options.get("ignore_index"),
                             ignore_fraction=0.3)
     for reduction in ("none", "sum", "mean"):
