@@ -1,4 +1,4 @@
-"""Micro-benchmark: ``_numba_math.exp_approx`` against ``numpy.exp`` on float32.
+"""Micro-benchmark: ``fastxent.backends.numba._math.exp_approx`` against ``numpy.exp`` on float32.
 
 Run: ``python bench/micro_exp.py [N]`` (default N = 16M). Prints G elements/s,
 median of repeats, for
@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fastxent.backends import _numba_math as nm  # noqa: E402
+from fastxent.backends.numba import _math as nm  # noqa: E402
 
 FASTMATH = nm.KERNEL_FASTMATH
 

@@ -21,8 +21,8 @@ DEVICE_BACKENDS = ("cupy",)
 KNOWN_BACKENDS = HOST_BACKENDS + DEVICE_BACKENDS
 
 _BACKEND_MODULES = {
-    "numba": "fastxent.backends.numba_cpu",
-    "cupy": "fastxent.backends.cupy_cuda",
+    "numba": "fastxent.backends.numba",
+    "cupy": "fastxent.backends.cuda",
 }
 
 _context_backend = contextvars.ContextVar("fastxent_backend", default=None)

@@ -4,7 +4,7 @@ backend x dtype x shape x option through the public API, compared with
 ``fastxent.reference`` (float64) called directly, through the tolerance table
 of ``tests/support.py``; then the second-order identities, the adversarial
 inputs (|x| up to 3e38, probabilities of exactly 0 and 1, -inf/NaN rows) and
-the vectorisation of every Numba kernel (numba_cpu's included).
+the vectorisation of every Numba kernel.
 
 Compiled variants (1 to 3.5 s of CPU each on a cold cache): every kernel is
 called with labels of the scores' dtype, so each compiles once per score dtype
@@ -20,9 +20,9 @@ from numba import njit
 import fastxent as fx
 from fastxent import _dtypes
 from fastxent import reference as ref
-from fastxent.backends import _numba_math as nm
-from fastxent.backends import numba_cpu
-from fastxent.backends import numba_families as families
+from fastxent.backends.numba import _elementwise, _moments, _probs, _softmax
+from fastxent.backends.numba import _math as nm
+from fastxent.backends.numba._rows import FASTMATH
 from tests.support import (
     DTYPE_IDS,
     FLOAT_DTYPES,
@@ -529,24 +529,24 @@ _Z = _binary_targets((4, 3000), np.float32)
 _P = _row_probabilities((4, 3000), np.float32)
 _IDS = make_class_ids((4,), 3000)
 VECTOR_KERNELS = {
-    "_sigmoid_kernel": (families, lambda: fx.sigmoid_cross_entropy(_X, _Z, pos_weight=np.linspace(1, 2, 3000),
+    "sigmoid_kernel": (_elementwise, lambda: fx.sigmoid_cross_entropy(_X, _Z, pos_weight=np.linspace(1, 2, 3000),
                                                                  return_grad=True)),
-    "_sigmoid_hessian_kernel": (families, lambda: fx.sigmoid_cross_entropy_hessian_diag(_X, _Z)),
-    "_binary_kernel": (families, lambda: fx.binary_cross_entropy(_P, _Z, return_grad=True)),
-    "_categorical_kernel": (families, lambda: fx.categorical_cross_entropy(_P, _Z, return_grad=True)),
-    "_sparse_categorical_kernel": (families, lambda: fx.sparse_categorical_cross_entropy(_P, _IDS,
+    "sigmoid_hessian_kernel": (_elementwise, lambda: fx.sigmoid_cross_entropy_hessian_diag(_X, _Z)),
+    "binary_kernel": (_probs, lambda: fx.binary_cross_entropy(_P, _Z, return_grad=True)),
+    "categorical_kernel": (_probs, lambda: fx.categorical_cross_entropy(_P, _Z, return_grad=True)),
+    "sparse_categorical_kernel": (_probs, lambda: fx.sparse_categorical_cross_entropy(_P, _IDS,
                                                                                           return_grad=True)),
-    "_hvp_kernel": (families, lambda: fx.softmax_cross_entropy_hvp(_X, _Z)),
-    "_score_kernel": (families, lambda: fx.score(_X, _IDS)),
-    "_sparse_kernel": (numba_cpu, lambda: fx.sparse_softmax_cross_entropy(_X, _IDS, return_grad=True)),
-    "_soft_kernel": (numba_cpu, lambda: fx.softmax_cross_entropy(_X, _P, return_grad=True)),
-    "_lse_kernel": (numba_cpu, lambda: fx.logsumexp(_X)),
-    "_log_softmax_kernel": (numba_cpu, lambda: fx.log_softmax(_X)),
+    "hvp_kernel": (_moments, lambda: fx.softmax_cross_entropy_hvp(_X, _Z)),
+    "score_kernel": (_moments, lambda: fx.score(_X, _IDS)),
+    "sparse_kernel": (_softmax, lambda: fx.sparse_softmax_cross_entropy(_X, _IDS, return_grad=True)),
+    "soft_kernel": (_softmax, lambda: fx.softmax_cross_entropy(_X, _P, return_grad=True)),
+    "lse_kernel": (_softmax, lambda: fx.logsumexp(_X)),
+    "log_softmax_kernel": (_softmax, lambda: fx.log_softmax(_X)),
 }
 
-#: The one libm call allowed: ``_row_lse``'s ``math.log`` of the row sum, once per row.
+#: The one libm call allowed: ``row_lse``'s ``math.log`` of the row sum, once per row.
 _PER_ROW_LIBM = {"logf", "log"}
-_USES_ROW_LSE = {"_sparse_kernel", "_soft_kernel", "_lse_kernel", "_log_softmax_kernel"}
+_USES_ROW_LSE = {"sparse_kernel", "soft_kernel", "lse_kernel", "log_softmax_kernel"}
 
 
 class _CompiledHere:
@@ -586,10 +586,10 @@ def test_kernels_vectorise_without_libm(name, monkeypatch):
     assert set(report["libm"]) <= allowed, f"{name} calls libm: {report['libm']}"
 
 
-@njit(fastmath=numba_cpu.FASTMATH, error_model="numpy")
+@njit(fastmath=FASTMATH, error_model="numpy")
 def _log1p_unit_loop(x, out):
     for i in range(x.shape[0]):
-        out[i] = families._log1p_unit(x[i])
+        out[i] = _elementwise._log1p_unit(x[i])
 
 
 def test_log1p_unit_accuracy():
@@ -616,7 +616,8 @@ if __name__ == "__main__":   # count the compiled variants a run of this file tr
     import sys
 
     code = pytest.main([__file__, "-q"] + sys.argv[1:])
-    counts = {name: len(kernel.signatures) for name, kernel in vars(families).items()
+    counts = {name: len(kernel.signatures) for module in (_elementwise, _moments, _probs, _softmax)
+              for name, kernel in vars(module).items()
               if name.endswith("_kernel") and hasattr(kernel, "signatures")}
     print(counts, "total", sum(counts.values()))
     sys.exit(code)

@@ -1,4 +1,4 @@
-"""Accuracy, special values, 16-bit conversions and vectorisation of ``_numba_math``.
+"""Accuracy, special values, 16-bit conversions and vectorisation of ``fastxent.backends.numba._math``.
 
 Errors are in units in the last place (ulp) of the result's dtype: float32
 results against numpy float64, float64 results against numpy ``longdouble``
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from numba import njit, prange
 
-from fastxent.backends import _numba_math as nm
+from fastxent.backends.numba import _math as nm
 
 FASTMATH = nm.KERNEL_FASTMATH
 RNG_SEED = 20240611
@@ -503,7 +503,7 @@ def test_other_loops_vectorise():
 _CACHED_KERNEL = textwrap.dedent("""
     import numpy as np
     from numba import njit
-    from fastxent.backends import _numba_math as nm
+    from fastxent.backends.numba import _math as nm
 
     @njit(cache=True, fastmath=nm.KERNEL_FASTMATH)
     def kernel(x, out):

@@ -3,7 +3,7 @@
 Why this module exists
 ----------------------
 This llvmlite has no SVML, so ``math.exp``/``math.log`` in a loop are scalar libm
-calls that also stop LLVM from vectorising the loop (shared/PERF-NOTES.md: a
+calls that also stop LLVM from vectorising the loop (docs/design.md, "The Numba backend": a
 ``math.exp`` softmax ran slower than numpy). Everything here is arithmetic,
 integer bit manipulation and selects (``a if c else b`` becomes a blend), so a
 loop calling these helpers compiles to packed AVX2 (``ymm``) or AVX-512 (``zmm``)

@@ -1,0 +1,172 @@
+"""Compile options and the per-row machinery every Numba kernel is built from.
+
+One definition per formula: the kernels of ``_softmax``, ``_probs``, ``_moments``
+and ``_elementwise`` call these helpers, which Numba inlines (``inline="always"``)
+so they vectorise inside the caller's loop. The design rules they follow, with
+their measurements, are in ``docs/design.md`` ("The Numba backend").
+"""
+
+import math
+
+import numpy as np
+from numba import njit
+
+from ... import _config
+from . import _math as nm
+
+#: Fast-math flags of every kernel: the reassociation-type flags that let sums
+#: vectorise, without ``nnan``/``ninf``: ``-inf`` is masking and NaN must reach
+#: the loss, so LLVM may not assume them away (``_math``'s docstring).
+FASTMATH = nm.KERNEL_FASTMATH
+
+#: Every kernel: parallel over rows (or blocks of elements), cached on disk,
+#: ``error_model="numpy"`` (a division by zero gives IEEE inf/NaN, as the
+#: reference does, and adds no zero-check branch to a vector loop).
+kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+
+#: Every helper: inlined into the calling kernel by Numba, same flags.
+inline = njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+
+#: Classes per chunk of a row, frozen into the kernels at compile time.
+CHUNK = _config.NUMBA_CHUNK
+
+
+@njit(cache=True, fastmath={"contract"}, error_model="numpy", forceinline=True)
+def log_prob(value, shift, log_sum):
+    """``(value - shift) - log_sum``: a log-probability, in this order.
+
+    Compiled on its own without ``reassoc`` (LLVM keeps each instruction's
+    flags when it inlines), since the kernels' ``reassoc`` may rewrite it as
+    ``value - (shift + log_sum)``, which at |x| = 1e4 in float32 loses 3e-4
+    of log 2 (found by tests/test_properties.py).
+    """
+    return (value - shift) - log_sum
+
+
+@inline
+def capped(value, softcap):
+    """Gemma 2 soft-capping ``c * tanh(x / c)``; the identity when ``softcap`` is None."""
+    if softcap is None:
+        return value
+    return softcap * nm.tanh_approx(value / softcap)
+
+
+@inline
+def capped_slope(value, softcap, acc):
+    """``d/dx c tanh(x/c) = 1 - (t/c)**2`` written with the capped value ``t``."""
+    if softcap is None:
+        return acc(1.0)
+    ratio = value / softcap
+    return acc(1.0) - ratio * ratio
+
+
+@inline
+def smoothed(label, keep, share, acc):
+    """A label after label smoothing: ``keep * y + share`` (``keep = 1 - eps``,
+    ``share = eps / C`` for a softmax row, ``eps / 2`` for a binary element)."""
+    return keep * acc(nm.load(label)) + share
+
+
+@inline
+def xlogy_term(weight, value):
+    """``weight * value`` with 0 where ``weight == 0`` (even for value = -inf)."""
+    return weight * value if weight != 0 else weight - weight
+
+
+@inline
+def chunk_max(row, start, stop, acc):
+    """Largest ``row[start:stop]`` via integer keys (vectorises; NaN-positive rows give NaN).
+
+    LLVM does not vectorise a float max reduction without ``nnan`` (10.5 us for
+    32000 floats, scalar ``vmaxss``); the float's bits mapped to a monotonic
+    integer key reduce with ``vpmaxsd`` in 2.2 us, the speed of a vectorised sum.
+    A positive NaN maps above +inf, so a NaN row gets a NaN max.
+    """
+    key = nm.order_key(acc(-np.inf))
+    for j in range(start, stop):
+        candidate = nm.order_key(nm.load(row[j]))
+        key = candidate if candidate > key else key
+    return nm.from_order_key(key)
+
+
+@inline
+def rebase(peak, shift):
+    """Merge two log-sum-exp references: ``(m, a, b)`` with ``m`` the larger of
+    ``peak`` and ``shift`` and ``a = exp(peak - m)``, ``b = exp(shift - m)`` the
+    factors that move sums kept relative to each onto ``m`` (the online softmax of
+    Milakov & Gimelshein 2018, applied per chunk). A NaN ``shift`` gives NaN factors."""
+    top = shift if shift > peak else peak
+    return top, nm.exp_approx(peak - top), nm.exp_approx(shift - top)
+
+
+@inline
+def row_lse(row, softcap, acc):
+    """``log(sum(exp(t)))`` of one row (t = capped scores) in one read, chunk by chunk,
+    as the pair ``(shift, log_sum)`` with ``lse = shift + log_sum``.
+
+    Each chunk of ``CHUNK`` classes contributes ``(its max, sum exp(t - max))``
+    while it is in L1, merged into the running pair by :func:`rebase`. A chunk
+    that is all ``-inf`` adds nothing; a row that is all ``-inf`` or holds
+    NaN/+inf gives a NaN ``log_sum``. Callers keep the pair apart:
+    ``(t - shift) - log_sum`` is exact where ``t - lse`` is not (at |x| = 1e4
+    float32 rounds lse to 1e-3, a 3e-4 relative error on log 2).
+    """
+    count = row.shape[0]
+    running_max = acc(-np.inf)
+    running_sum = acc(0.0)
+    for start in range(0, count, CHUNK):
+        stop = min(start + CHUNK, count)
+        shift = capped(chunk_max(row, start, stop, acc), softcap)
+        if shift == -np.inf:
+            shift = acc(0.0)  # all -inf (masked) chunk: exp(-inf - 0) = 0, NaN still propagates
+        chunk_sum = acc(0.0)
+        for j in range(start, stop):
+            chunk_sum += nm.exp_approx(capped(nm.load(row[j]), softcap) - shift)
+        if chunk_sum != 0:
+            running_max, old, new = rebase(running_max, shift)
+            running_sum = running_sum * old + chunk_sum * new
+    if running_sum > 0:
+        return running_max, acc(math.log(running_sum))
+    return running_max, acc(np.nan)
+
+
+@inline
+def row_exp_into(row, out_row, acc):
+    """``out_row = exp(x - m)`` (m = row max) and the row's lse: the fused kernels' first half.
+
+    Keeping the exponentials in the (float32/float64) gradient row lets the
+    gradient pass be a multiply-subtract instead of a second exp per element
+    (measured: fused pass 1.6x faster at 4096 x 32000). Returns
+    ``(shift, log_sum, 1 / sum)`` (see :func:`row_lse`); NaN for the rows
+    ``row_lse`` makes NaN.
+    """
+    peak = chunk_max(row, 0, row.shape[0], acc)
+    shift = peak if peak != -np.inf else acc(0.0)
+    total = acc(0.0)
+    for j in range(row.shape[0]):
+        value = nm.exp_approx(nm.load(row[j]) - shift)
+        out_row[j] = value
+        total += value
+    if total > 0:
+        return shift, acc(math.log(total)), acc(1.0) / total
+    return shift, acc(np.nan), acc(np.nan)
+
+
+@inline
+def window(values, period, lo, hi):
+    """The slice of a flat per-element option lined up with elements ``[lo, hi)``.
+
+    ``period == 0``: ``values`` is the full flat array, window ``[lo, hi)``;
+    ``period == K``: a per-class vector tiled to ``block + K`` values, the window
+    starting at ``lo % K`` (a uniform value is the case ``K = 1``). The inner
+    loop reads it with unit stride whatever the option's shape.
+    """
+    start = lo if period == 0 else lo % period
+    return values[start:start + hi - lo]
+
+
+@inline
+def zero_row(grad, i, acc):
+    """Row ``i`` of a gradient set to zeros (an ignored row's gradient)."""
+    for j in range(grad.shape[1]):
+        grad[i, j] = nm.store(acc(0.0), grad)
