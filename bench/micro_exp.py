@@ -10,7 +10,7 @@ median of repeats, for
 * a plain sum ``s += x[i] - m`` beside it: the read bandwidth that bounds a pass.
 
 A script, not a test: numbers depend on the machine and its load; compare
-ratios within one run (shared/PERF-NOTES.md).
+ratios within one run (docs/design.md, "Measuring speed").
 """
 
 import os

@@ -1,7 +1,7 @@
 """Compile every CUDA kernel instantiation the CuPy backend can ask for.
 
 The instantiations come from the backend's own dtype table
-(``fastxent.backends.cupy_cuda.instantiations()``, the list of name expressions the
+(``fastxent.backends.cuda._build.instantiations()``, the list of name expressions the
 loader hands to ``cupy.RawModule``), so the check and the loader cannot drift apart.
 
 Every architecture in ``--arch`` (default sm_80 and sm_90) gets, warnings as errors:
@@ -45,10 +45,10 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastxent.backends import cupy_cuda  # noqa: E402  (needs the path above; imports no CuPy)
+from fastxent.backends.cuda import _build  # noqa: E402  (needs the path above; imports no CuPy)
 
 KERNEL_DIR = ROOT / "kernels"
-NVCC_FLAGS = ("-std=c++17", "-Werror", "all-warnings")
+NVCC_FLAGS = (*_build.compile_options(), "-Werror", "all-warnings")
 
 # Options CuPy adds to every RawModule compile (cupy/cuda/compiler.py), besides -arch.
 NVRTC_LOADER_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
@@ -56,7 +56,7 @@ NVRTC_LOADER_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
 
 def by_file():
     groups = {}
-    for filename, expression in cupy_cuda.instantiations():
+    for filename, expression in _build.instantiations():
         groups.setdefault(filename, []).append(expression)
     return groups
 
@@ -119,9 +119,9 @@ def nvrtc_program_class():
 
 
 def nvrtc_compile(program, filename, expressions, arch, part=0):
-    """The loader's source and options (cupy_cuda.COMPILE_OPTIONS plus CuPy's own), for compute_``arch``."""
-    source = cupy_cuda.kernel_source(filename)
-    options = (*cupy_cuda.COMPILE_OPTIONS, f"-arch=compute_{arch}", *NVRTC_LOADER_OPTIONS)
+    """The loader's source and options (_build.compile_options() plus CuPy's own), for compute_``arch``."""
+    source = _build.kernel_source(filename)
+    options = (*_build.compile_options(), f"-arch=compute_{arch}", *NVRTC_LOADER_OPTIONS)
     what = f"nvrtc {filename}[{part}] compute_{arch}"
     start = time.perf_counter()
     log = io.StringIO()

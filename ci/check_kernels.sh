@@ -4,7 +4,7 @@
 # CuPy's NVRTC on the loader's exact source and options, or nvcc -ptx where NVRTC is unusable).
 # Run from the repository root: bash ci/check_kernels.sh. Skips (exit 0) without nvcc.
 # The work is in ci/check_kernels.py, which reads the instantiations from the backend's
-# dtype table (fastxent/backends/cupy_cuda.py).
+# dtype table (fastxent/backends/cuda/_build.py).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -171,6 +171,15 @@ def resolve(backend, on_device):
     return name
 
 
+def array_module(on_device):
+    """The array module of the data: CuPy for CUDA arrays, else numpy."""
+    if on_device:
+        import cupy
+
+        return cupy
+    return np
+
+
 def backend_module(name):
     """The kernel module of backend ``name`` (imported on first use)."""
     return importlib.import_module(_BACKEND_MODULES[name])

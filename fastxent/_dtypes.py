@@ -35,8 +35,9 @@ def is_real_float(dtype):
 
 
 def accumulation_dtype(dtype):
-    """Accumulation dtype: float64 for float64 scores, float32 otherwise."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+    """Accumulation dtype: float64 for float64 scores, float32 otherwise (``dtype`` may be a name)."""
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    return np.dtype(np.float64) if name == "float64" else np.dtype(np.float32)
 
 
 def loss_dtype(dtype):

@@ -29,7 +29,8 @@ def arrays(**named):
     Returns ``(on_device, {name: array})``: host inputs become numpy arrays
     (lists, numpy scalars and CPU tensors through ``np.asarray``, zero-copy
     where possible), CUDA inputs CuPy arrays on their own device. Mixing the
-    two is a ``TypeError`` naming both arguments.
+    two is a ``TypeError`` naming both arguments. Byte-swapped host arrays are
+    brought to the native byte order (:func:`native_byte_order`).
     """
     on_device = {name: _dispatch.is_cuda_array(obj) for name, obj in named.items()}
     device_names = [name for name, flag in on_device.items() if flag]
@@ -53,10 +54,20 @@ def arrays(**named):
     converted = {}
     for name, obj in named.items():
         try:
-            converted[name] = np.asarray(obj)
+            converted[name] = native_byte_order(np.asarray(obj))
         except Exception as exc:  # noqa: BLE001 -- report what could not be converted
             raise TypeError(f"{name} must be an array, got {type(obj).__name__}: {exc}") from None
     return False, converted
+
+
+def native_byte_order(array):
+    """``array`` itself, or a copy in the machine's byte order when it is byte-swapped
+    (``>f4`` on a little-endian machine, as ``np.load`` returns for a file written on a
+    big-endian one): the one copy fastxent makes of its own accord, as the kernels read
+    native numbers only."""
+    if array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
 
 
 def parameter_array(name, value, on_device):

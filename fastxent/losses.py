@@ -2,35 +2,31 @@
 
 Every function here follows the same three steps:
 
-1. ``_validate`` checks each argument (errors name the argument and value);
+1. ``_validate`` checks each argument (errors name the argument and value), in
+   :func:`_prepare` for what all functions share;
 2. ``_dispatch`` picks the backend from ``backend=``, ``use_backend``,
    ``FASTXENT_BACKEND`` and where the data lives;
-3. the backend kernel runs on normalised arrays (class axis last, rows
+3. :func:`_run` hands the backend normalised arrays (class axis last, rows
    C-contiguous; see ``fastxent/backends/__init__.py``), and the result is
-   reduced and put back into the caller's shape here.
+   reduced (``_reductions``) and put back into the caller's shape.
 
 ``backend="numpy"`` runs ``fastxent.reference`` (float64) on the validated
 arguments.
 """
 
+import contextlib
+from typing import Any, NamedTuple
+
 import numpy as np
 
-from . import _dispatch, _dtypes
+from . import _dispatch, _dtypes, _reductions
 from . import _validate as check
 from ._score import Score
-
+from .backends import BadLabels
 
 # ----------------------------------------------------------------------------
 # Shared plumbing
 # ----------------------------------------------------------------------------
-
-def _array_module(on_device):
-    if on_device:
-        import cupy
-
-        return cupy
-    return np
-
 
 def _reference():
     from . import reference
@@ -53,14 +49,8 @@ def _rows(array, ax, xp):
     otherwise one copy (the kernels need unit stride along a row).
     """
     moved = xp.moveaxis(array, ax, -1)
-    count = moved.shape[-1]
     rows = int(np.prod(moved.shape[:-1], dtype=np.int64))
-    return _contiguous(moved, xp).reshape(rows, count)
-
-
-def _label_shape(on_device, labels):
-    """The CuPy backend reports a bad label found on the device at its N-d position."""
-    return {"label_shape": labels.shape} if on_device else {}
+    return _contiguous(moved, xp).reshape(rows, moved.shape[-1])
 
 
 def _unrows(rows, shape, ax, xp):
@@ -76,71 +66,113 @@ def _elements(array, xp):
     return _contiguous(array, xp).reshape(rows, count)
 
 
-def _grad_scale(grad_output, loss_shape, reduction, denominator, xp):
-    """The per-element gradient multiplier handed to a fused kernel.
+class _Call(NamedTuple):
+    """A validated call: where it runs and its normalised arguments."""
 
-    ``grad_output`` (already validated to broadcast to ``loss_shape``) times
-    the reduction factor: 1 for "none"/"sum", ``1/denominator`` for "mean".
-    A Python float when uniform, else a C-contiguous array of ``loss_shape``.
+    backend: str             # the resolved backend name
+    on_device: bool          # CUDA arrays (the backend is then "cupy")
+    xp: Any                  # numpy or cupy
+    first: Any               # logits / probs / x
+    labels: Any              # the second array (labels, or v); None for the building blocks
+    axis: Any                # the class axis, None for elementwise functions
+    loss_shape: tuple
+    reduction: str
+    return_grad: bool
+    grad_output: Any
+
+
+def _prepare(fn, backend, first_name, first, labels, *, second_name="labels", axis=None, labels_kind=None,
+             single_class_hint=None, other_labels=None, reduction="none", return_grad=False, grad_output=None,
+             ignore_index=None):
+    """Validate what every public function shares; returns ``(_Call, ignore_index)``.
+
+    ``axis`` None: an elementwise function (labels, when given, have the scores' shape);
+    else a row function over class axis ``axis`` with ``labels_kind`` "ids" (sparse class
+    ids, range-checked on the host here), "dense" (distributions) or None (no labels).
+    ``single_class_hint`` names the binary alternative that C == 1 is refused for;
+    ``other_labels`` the function taking the other kind of labels (error hints).
     """
-    factor = 1.0
-    if reduction == "mean":
-        factor = 1.0 / float(denominator)
-    if grad_output is None:
-        return factor
-    if grad_output.ndim == 0 or reduction != "none":
-        return float(grad_output) * factor
-    scale = xp.broadcast_to(grad_output.astype(np.float64) * factor, tuple(loss_shape))
-    return xp.ascontiguousarray(scale)
+    named = {first_name: first} if labels is None else {first_name: first, second_name: labels}
+    on_device, arrays = check.arrays(**named)
+    name = _dispatch.resolve(backend, on_device)
+    xp = _dispatch.array_module(on_device)
+    first = check.scores(first_name, arrays[first_name], min_ndim=0 if axis is None else 1)
+    labels = arrays.get(second_name)
+    if axis is None:
+        loss_shape = first.shape
+        if labels is not None:
+            labels = check.dense_labels(fn, "labels", labels, first.shape)
+    else:
+        axis = check.axis(axis, first.ndim)
+        count = first.shape[axis]
+        check.num_classes(fn, first_name, count, single_class_hint)
+        loss_shape = tuple(first.shape[:axis]) + tuple(first.shape[axis + 1:])
+        if labels_kind == "ids":
+            labels = check.class_ids(fn, labels, first.shape, axis, other_labels)
+            ignore_index = check.ignore_index(ignore_index)
+            if not on_device:
+                check.label_range(labels, count, ignore_index)
+        elif labels_kind == "dense":
+            labels = check.dense_labels(fn, "labels", labels, first.shape, other_labels)
+    reduction = check.reduction(reduction)
+    return_grad = check.flag("return_grad", return_grad)
+    grad_output = check.grad_output(grad_output, () if reduction != "none" else loss_shape, on_device, xp)
+    return (_Call(name, on_device, xp, first, labels, axis, loss_shape, reduction, return_grad, grad_output),
+            ignore_index)
 
 
-def _mean_is_empty(reduction, denominator):
-    return reduction == "mean" and float(denominator) == 0.0
+@contextlib.contextmanager
+def _device_labels(call, ignore_index):
+    """Turn a device backend's :class:`~fastxent.backends.BadLabels` into the host path's ValueError."""
+    try:
+        yield
+    except BadLabels:
+        count = call.first.shape[call.axis]
+        message = check.bad_label_message(call.labels.get(), count, ignore_index)
+        raise ValueError(message or f"labels hold a class id outside [0, {count})") from None
 
 
-def _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp, elementwise=False):
-    """``(empty, grad_scale)`` for a backend call.
+def _run(call, fn, denominator, options, reference_options, ignore_index=None):
+    """Run ``fn`` on the backend of ``call`` (or the reference) and finish the result.
 
-    ``empty``: a mean over a zero denominator, whose gradient is all zeros (no
-    fused pass needed); ``grad_scale``: None for the forward-only kernel, else
-    the multiplier in the kernel's layout (rows ``(N,)`` or elements ``(R, K)``).
+    ``options``: the backend arguments after the labels, in the contract's order
+    (``fastxent/backends/__init__.py``); ``reference_options``: the reference's keywords.
     """
-    empty = return_grad and _mean_is_empty(reduction, denominator)
-    if not return_grad or empty:
-        return empty, None
-    scale = _grad_scale(grad_output, loss_shape, reduction, denominator, xp)
-    if isinstance(scale, float):
-        return empty, scale
-    return empty, (_elements(scale, xp) if elementwise else scale.reshape(-1))
-
-
-def _reduce(loss, reduction, denominator, xp):
-    """Reduce the unreduced loss; a reduced loss is a 0-d array of the loss dtype.
-
-    A mean over a zero denominator is 0.0 (never NaN), as DESIGN.md requires.
-    """
-    if reduction == "none":
+    xp = call.xp
+    if call.backend == "numpy":
+        axis = {} if call.axis is None else {"axis": call.axis}
+        return getattr(_reference(), fn)(call.first, call.labels, **axis, **reference_options,
+                                         reduction=call.reduction, return_grad=call.return_grad,
+                                         grad_output=call.grad_output)
+    empty = call.return_grad and _reductions.empty_mean(call.reduction, denominator)
+    scale = None
+    if call.return_grad and not empty:
+        scale = _reductions.grad_scale(call.grad_output, call.loss_shape, call.reduction, denominator, xp)
+        if not isinstance(scale, float):
+            scale = _elements(scale, xp) if call.axis is None else scale.reshape(-1)
+    if call.axis is None:
+        first, labels = _elements(call.first, xp), _elements(call.labels, xp)
+    else:
+        first = _rows(call.first, call.axis, xp)
+        sparse = call.labels.ndim < call.first.ndim
+        labels = call.labels.reshape(-1) if sparse else _rows(call.labels, call.axis, xp)
+    with _device_labels(call, ignore_index):
+        loss, grad = getattr(_dispatch.backend_module(call.backend), fn)(first, labels, *options, scale)
+    loss = _reductions.reduce(loss.reshape(call.loss_shape), call.reduction, denominator, xp)
+    if not call.return_grad:
         return loss
-    total = loss.sum(dtype=np.float64)
-    if reduction == "mean":
-        denominator = float(denominator)
-        total = total / denominator if denominator != 0.0 else total * 0.0
-    return xp.asarray(total, dtype=loss.dtype)
-
-
-def _finish(loss, grad, reduction, denominator, return_grad, xp, zero_grad_like=None):
-    loss = _reduce(loss, reduction, denominator, xp)
-    if not return_grad:
-        return loss
-    if zero_grad_like is not None:
-        grad = xp.zeros_like(zero_grad_like)
+    if empty:
+        grad = xp.zeros_like(call.first)
+    elif call.axis is None:
+        grad = grad.reshape(call.first.shape)
+    else:
+        grad = _unrows(grad, call.first.shape, call.axis, xp)
     return loss, grad
 
 
-def _setup(backend, **named):
-    on_device, arrays = check.arrays(**named)
-    name = _dispatch.resolve(backend, on_device)
-    return on_device, name, arrays
+def _row_count(call):
+    """The denominator of a mean over rows (the loss's size)."""
+    return int(np.prod(call.loss_shape, dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------
@@ -203,52 +235,21 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
     >>> fx.sparse_softmax_cross_entropy(logits, np.array([0]))
     array([0.16984604], dtype=float32)
     """
-    fn = "sparse_softmax_cross_entropy"
-    on_device, name, arr = _setup(backend, logits=logits, labels=labels)
-    xp = _array_module(on_device)
-    logits = check.scores("logits", arr["logits"])
-    ax = check.axis(axis, logits.ndim)
-    count = logits.shape[ax]
-    check.num_classes(fn, "logits", count, "sigmoid_cross_entropy")
-    labels = check.class_ids(fn, arr["labels"], logits.shape, ax, "softmax_cross_entropy")
-    ignore_index = check.ignore_index(ignore_index)
-    class_weight = check.class_weight(class_weight, count, on_device)
+    call, ignore_index = _prepare(
+        "sparse_softmax_cross_entropy", backend, "logits", logits, labels, axis=axis, labels_kind="ids",
+        single_class_hint="sigmoid_cross_entropy", other_labels="softmax_cross_entropy", reduction=reduction,
+        return_grad=return_grad, grad_output=grad_output, ignore_index=ignore_index)
+    class_weight = check.class_weight(class_weight, call.first.shape[call.axis], call.on_device)
     label_smoothing = check.label_smoothing(label_smoothing)
     z_loss = check.z_loss(z_loss)
     softcap = check.softcap(softcap)
-    reduction = check.reduction(reduction)
-    return_grad = check.flag("return_grad", return_grad)
-    loss_shape = labels.shape
-    grad_output = check.grad_output(grad_output, () if reduction != "none" else loss_shape, on_device, xp)
-    if not on_device:
-        check.label_range(labels, count, ignore_index)
-
-    if name == "numpy":
-        return _reference().sparse_softmax_cross_entropy(
-            logits, labels, axis=ax, ignore_index=ignore_index, class_weight=class_weight,
-            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
-            return_grad=return_grad, grad_output=grad_output)
-
-    flat_labels = labels.reshape(-1)
     denominator = 1.0
-    if reduction == "mean":
-        counted = flat_labels != ignore_index if ignore_index is not None else None
-        if class_weight is None:
-            denominator = flat_labels.size if counted is None else counted.sum()
-        else:
-            weights = xp.asarray(class_weight)
-            picked = weights[xp.clip(flat_labels, 0, count - 1)]
-            denominator = picked.sum() if counted is None else (picked * counted).sum()
-    kernels = _dispatch.backend_module(name)
-    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
-    rows = _rows(logits, ax, xp)
-    loss, grad = kernels.sparse_softmax_cross_entropy(
-        rows, flat_labels, ignore_index, class_weight, label_smoothing, z_loss, softcap, scale,
-        **_label_shape(on_device, labels))
-    if grad is not None:
-        grad = _unrows(grad, logits.shape, ax, xp)
-    return _finish(loss.reshape(loss_shape), grad, reduction, denominator, return_grad, xp,
-                   zero_grad_like=logits if empty else None)
+    if call.reduction == "mean" and call.backend != "numpy":
+        denominator = _reductions.mean_denominator(call.labels.reshape(-1), ignore_index, class_weight, call.xp)
+    return _run(call, "sparse_softmax_cross_entropy", denominator,
+                (ignore_index, class_weight, label_smoothing, z_loss, softcap),
+                {"ignore_index": ignore_index, "class_weight": class_weight, "label_smoothing": label_smoothing,
+                 "z_loss": z_loss, "softcap": softcap}, ignore_index)
 
 
 def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softcap=None,
@@ -273,35 +274,14 @@ def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softc
     >>> fx.softmax_cross_entropy(logits, np.array([[0.5, 0.5, 0.0]]))
     array([1.16984602])
     """
-    fn = "softmax_cross_entropy"
-    on_device, name, arr = _setup(backend, logits=logits, labels=labels)
-    xp = _array_module(on_device)
-    logits = check.scores("logits", arr["logits"])
-    ax = check.axis(axis, logits.ndim)
-    count = logits.shape[ax]
-    check.num_classes(fn, "logits", count, "sigmoid_cross_entropy")
-    labels = check.dense_labels(fn, "labels", arr["labels"], logits.shape, "sparse_softmax_cross_entropy")
+    call, _ = _prepare(
+        "softmax_cross_entropy", backend, "logits", logits, labels, axis=axis, labels_kind="dense",
+        single_class_hint="sigmoid_cross_entropy", other_labels="sparse_softmax_cross_entropy",
+        reduction=reduction, return_grad=return_grad, grad_output=grad_output)
     label_smoothing = check.label_smoothing(label_smoothing)
     softcap = check.softcap(softcap)
-    reduction = check.reduction(reduction)
-    return_grad = check.flag("return_grad", return_grad)
-    loss_shape = tuple(logits.shape[:ax]) + tuple(logits.shape[ax + 1:])
-    grad_output = check.grad_output(grad_output, () if reduction != "none" else loss_shape, on_device, xp)
-
-    if name == "numpy":
-        return _reference().softmax_cross_entropy(
-            logits, labels, axis=ax, label_smoothing=label_smoothing, softcap=softcap,
-            reduction=reduction, return_grad=return_grad, grad_output=grad_output)
-
-    denominator = int(np.prod(loss_shape, dtype=np.int64))
-    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
-    kernels = _dispatch.backend_module(name)
-    loss, grad = kernels.softmax_cross_entropy(
-        _rows(logits, ax, xp), _rows(labels, ax, xp), label_smoothing, softcap, scale)
-    if grad is not None:
-        grad = _unrows(grad, logits.shape, ax, xp)
-    return _finish(loss.reshape(loss_shape), grad, reduction, denominator, return_grad, xp,
-                   zero_grad_like=logits if empty else None)
+    return _run(call, "softmax_cross_entropy", _row_count(call), (label_smoothing, softcap),
+                {"label_smoothing": label_smoothing, "softcap": softcap})
 
 
 # ----------------------------------------------------------------------------
@@ -309,17 +289,13 @@ def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softc
 # ----------------------------------------------------------------------------
 
 def _building_block(fn, x, axis, backend):
-    on_device, name, arr = _setup(backend, x=x)
-    xp = _array_module(on_device)
-    x = check.scores("x", arr["x"])
-    ax = check.axis(axis, x.ndim)
-    check.num_classes(fn, "x", x.shape[ax])
-    if name == "numpy":
-        return getattr(_reference(), fn)(x, axis=ax)
-    out = getattr(_dispatch.backend_module(name), fn)(_rows(x, ax, xp))
+    call, _ = _prepare(fn, backend, "x", x, None, axis=axis)
+    if call.backend == "numpy":
+        return getattr(_reference(), fn)(call.first, axis=call.axis)
+    out = getattr(_dispatch.backend_module(call.backend), fn)(_rows(call.first, call.axis, call.xp))
     if out.ndim == 1:
-        return out.reshape(tuple(x.shape[:ax]) + tuple(x.shape[ax + 1:]))
-    return _unrows(out, x.shape, ax, xp)
+        return out.reshape(call.loss_shape)
+    return _unrows(out, call.first.shape, call.axis, call.xp)
 
 
 def log_softmax(x, *, axis=-1, backend=None):
@@ -378,34 +354,6 @@ def _pos_weight_for_kernel(pos_weight, shape, xp):
     return _elements(xp.asarray(full), xp)
 
 
-def _elementwise(fn, first_name, first, labels, options, reduction, return_grad, grad_output, backend,
-                 extra_check=None):
-    on_device, name, arr = _setup(backend, **{first_name: first, "labels": labels})
-    xp = _array_module(on_device)
-    first = check.scores(first_name, arr[first_name], min_ndim=0)
-    labels = check.dense_labels(fn, "labels", arr["labels"], first.shape)
-    if extra_check is not None:
-        options = extra_check(options, first.shape, on_device)
-    reduction = check.reduction(reduction)
-    return_grad = check.flag("return_grad", return_grad)
-    grad_output = check.grad_output(grad_output, () if reduction != "none" else first.shape, on_device, xp)
-    if name == "numpy":
-        return getattr(_reference(), fn)(first, labels, **options, reduction=reduction,
-                                         return_grad=return_grad, grad_output=grad_output)
-    denominator = first.size
-    empty, scale = _kernel_scale(return_grad, grad_output, first.shape, reduction, denominator, xp,
-                                 elementwise=True)
-    kernel_options = dict(options)
-    if "pos_weight" in kernel_options:
-        kernel_options["pos_weight"] = _pos_weight_for_kernel(kernel_options["pos_weight"], first.shape, xp)
-    loss, grad = getattr(_dispatch.backend_module(name), fn)(
-        _elements(first, xp), _elements(labels, xp), *kernel_options.values(), scale)
-    if grad is not None:
-        grad = grad.reshape(first.shape)
-    return _finish(loss.reshape(first.shape), grad, reduction, denominator, return_grad, xp,
-                   zero_grad_like=first if empty else None)
-
-
 def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.0, reduction="none",
                           return_grad=False, grad_output=None, backend=None):
     r"""Independent binary / multi-label cross-entropy on scores (sigmoid family).
@@ -428,13 +376,13 @@ def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.
     >>> fx.sigmoid_cross_entropy(np.array([0.0, 2.0]), np.array([1.0, 0.0]))
     array([0.69314718, 2.12692801])
     """
-    def options_check(options, shape, on_device):
-        return {"pos_weight": check.pos_weight(options["pos_weight"], shape, on_device),
-                "label_smoothing": check.label_smoothing(options["label_smoothing"])}
-
-    return _elementwise("sigmoid_cross_entropy", "logits", logits, labels,
-                        {"pos_weight": pos_weight, "label_smoothing": label_smoothing},
-                        reduction, return_grad, grad_output, backend, options_check)
+    call, _ = _prepare("sigmoid_cross_entropy", backend, "logits", logits, labels, reduction=reduction,
+                       return_grad=return_grad, grad_output=grad_output)
+    pos_weight = check.pos_weight(pos_weight, call.first.shape, call.on_device)
+    label_smoothing = check.label_smoothing(label_smoothing)
+    return _run(call, "sigmoid_cross_entropy", call.first.size,
+                (_pos_weight_for_kernel(pos_weight, call.first.shape, call.xp), label_smoothing),
+                {"pos_weight": pos_weight, "label_smoothing": label_smoothing})
 
 
 def binary_cross_entropy(probs, labels, *, epsilon=1e-7, label_smoothing=0.0, reduction="none",
@@ -454,13 +402,12 @@ def binary_cross_entropy(probs, labels, *, epsilon=1e-7, label_smoothing=0.0, re
     >>> fx.binary_cross_entropy(np.array([0.5, 0.9]), np.array([1.0, 1.0]))
     array([0.69314718, 0.10536052])
     """
-    def options_check(options, shape, on_device):
-        return {"epsilon": check.epsilon(options["epsilon"]),
-                "label_smoothing": check.label_smoothing(options["label_smoothing"])}
-
-    return _elementwise("binary_cross_entropy", "probs", probs, labels,
-                        {"epsilon": epsilon, "label_smoothing": label_smoothing},
-                        reduction, return_grad, grad_output, backend, options_check)
+    call, _ = _prepare("binary_cross_entropy", backend, "probs", probs, labels, reduction=reduction,
+                       return_grad=return_grad, grad_output=grad_output)
+    epsilon = check.epsilon(epsilon)
+    label_smoothing = check.label_smoothing(label_smoothing)
+    return _run(call, "binary_cross_entropy", call.first.size, (epsilon, label_smoothing),
+                {"epsilon": epsilon, "label_smoothing": label_smoothing})
 
 
 def categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, label_smoothing=0.0,
@@ -477,32 +424,14 @@ def categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, label_smo
     >>> fx.categorical_cross_entropy(np.array([[0.5, 0.5]]), np.array([[1.0, 0.0]]))
     array([0.69314718])
     """
-    fn = "categorical_cross_entropy"
-    on_device, name, arr = _setup(backend, probs=probs, labels=labels)
-    xp = _array_module(on_device)
-    probs = check.scores("probs", arr["probs"])
-    ax = check.axis(axis, probs.ndim)
-    count = probs.shape[ax]
-    check.num_classes(fn, "probs", count, "binary_cross_entropy")
-    labels = check.dense_labels(fn, "labels", arr["labels"], probs.shape, "sparse_categorical_cross_entropy")
+    call, _ = _prepare(
+        "categorical_cross_entropy", backend, "probs", probs, labels, axis=axis, labels_kind="dense",
+        single_class_hint="binary_cross_entropy", other_labels="sparse_categorical_cross_entropy",
+        reduction=reduction, return_grad=return_grad, grad_output=grad_output)
     epsilon = check.epsilon(epsilon)
     label_smoothing = check.label_smoothing(label_smoothing)
-    reduction = check.reduction(reduction)
-    return_grad = check.flag("return_grad", return_grad)
-    loss_shape = tuple(probs.shape[:ax]) + tuple(probs.shape[ax + 1:])
-    grad_output = check.grad_output(grad_output, () if reduction != "none" else loss_shape, on_device, xp)
-    if name == "numpy":
-        return _reference().categorical_cross_entropy(
-            probs, labels, axis=ax, epsilon=epsilon, label_smoothing=label_smoothing,
-            reduction=reduction, return_grad=return_grad, grad_output=grad_output)
-    denominator = int(np.prod(loss_shape, dtype=np.int64))
-    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
-    loss, grad = _dispatch.backend_module(name).categorical_cross_entropy(
-        _rows(probs, ax, xp), _rows(labels, ax, xp), epsilon, label_smoothing, scale)
-    if grad is not None:
-        grad = _unrows(grad, probs.shape, ax, xp)
-    return _finish(loss.reshape(loss_shape), grad, reduction, denominator, return_grad, xp,
-                   zero_grad_like=probs if empty else None)
+    return _run(call, "categorical_cross_entropy", _row_count(call), (epsilon, label_smoothing),
+                {"epsilon": epsilon, "label_smoothing": label_smoothing})
 
 
 def sparse_categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, ignore_index=None,
@@ -519,37 +448,16 @@ def sparse_categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, ig
     >>> fx.sparse_categorical_cross_entropy(np.array([[0.25, 0.75]]), np.array([1]))
     array([0.28768207])
     """
-    fn = "sparse_categorical_cross_entropy"
-    on_device, name, arr = _setup(backend, probs=probs, labels=labels)
-    xp = _array_module(on_device)
-    probs = check.scores("probs", arr["probs"])
-    ax = check.axis(axis, probs.ndim)
-    count = probs.shape[ax]
-    check.num_classes(fn, "probs", count, "binary_cross_entropy")
-    labels = check.class_ids(fn, arr["labels"], probs.shape, ax, "categorical_cross_entropy")
+    call, ignore_index = _prepare(
+        "sparse_categorical_cross_entropy", backend, "probs", probs, labels, axis=axis, labels_kind="ids",
+        single_class_hint="binary_cross_entropy", other_labels="categorical_cross_entropy", reduction=reduction,
+        return_grad=return_grad, grad_output=grad_output, ignore_index=ignore_index)
     epsilon = check.epsilon(epsilon)
-    ignore_index = check.ignore_index(ignore_index)
-    reduction = check.reduction(reduction)
-    return_grad = check.flag("return_grad", return_grad)
-    loss_shape = labels.shape
-    grad_output = check.grad_output(grad_output, () if reduction != "none" else loss_shape, on_device, xp)
-    if not on_device:
-        check.label_range(labels, count, ignore_index)
-    if name == "numpy":
-        return _reference().sparse_categorical_cross_entropy(
-            probs, labels, axis=ax, epsilon=epsilon, ignore_index=ignore_index,
-            reduction=reduction, return_grad=return_grad, grad_output=grad_output)
-    flat_labels = labels.reshape(-1)
-    denominator = flat_labels.size
-    if reduction == "mean" and ignore_index is not None:
-        denominator = (flat_labels != ignore_index).sum()
-    empty, scale = _kernel_scale(return_grad, grad_output, loss_shape, reduction, denominator, xp)
-    loss, grad = _dispatch.backend_module(name).sparse_categorical_cross_entropy(
-        _rows(probs, ax, xp), flat_labels, epsilon, ignore_index, scale, **_label_shape(on_device, labels))
-    if grad is not None:
-        grad = _unrows(grad, probs.shape, ax, xp)
-    return _finish(loss.reshape(loss_shape), grad, reduction, denominator, return_grad, xp,
-                   zero_grad_like=probs if empty else None)
+    denominator = 1.0
+    if call.reduction == "mean" and call.backend != "numpy":
+        denominator = _reductions.mean_denominator(call.labels.reshape(-1), ignore_index, None, call.xp)
+    return _run(call, "sparse_categorical_cross_entropy", denominator, (epsilon, ignore_index),
+                {"epsilon": epsilon, "ignore_index": ignore_index}, ignore_index)
 
 
 # ----------------------------------------------------------------------------
@@ -569,20 +477,17 @@ def softmax_cross_entropy_hvp(logits, v, *, axis=-1, backend=None):
     >>> fx.softmax_cross_entropy_hvp(np.zeros((1, 2)), np.array([[1.0, 0.0]]))
     array([[ 0.25, -0.25]])
     """
-    on_device, name, arr = _setup(backend, logits=logits, v=v)
-    xp = _array_module(on_device)
-    logits = check.scores("logits", arr["logits"])
-    ax = check.axis(axis, logits.ndim)
-    check.num_classes("softmax_cross_entropy_hvp", "logits", logits.shape[ax])
-    vector = arr["v"]
+    call, _ = _prepare("softmax_cross_entropy_hvp", backend, "logits", logits, v, second_name="v", axis=axis)
+    vector = call.labels
     if not _dtypes.is_real_float(vector.dtype):
         raise TypeError(f"v must be a float array, got dtype {vector.dtype}")
-    if vector.shape != logits.shape:
-        raise ValueError(f"v has shape {vector.shape}, expected the logits' shape {logits.shape}")
-    if name == "numpy":
-        return _reference().softmax_cross_entropy_hvp(logits, vector, axis=ax)
-    out = _dispatch.backend_module(name).softmax_cross_entropy_hvp(_rows(logits, ax, xp), _rows(vector, ax, xp))
-    return _unrows(out, logits.shape, ax, xp)
+    if vector.shape != call.first.shape:
+        raise ValueError(f"v has shape {vector.shape}, expected the logits' shape {call.first.shape}")
+    if call.backend == "numpy":
+        return _reference().softmax_cross_entropy_hvp(call.first, vector, axis=call.axis)
+    out = _dispatch.backend_module(call.backend).softmax_cross_entropy_hvp(
+        _rows(call.first, call.axis, call.xp), _rows(vector, call.axis, call.xp))
+    return _unrows(out, call.first.shape, call.axis, call.xp)
 
 
 def sigmoid_cross_entropy_hessian_diag(logits, labels, *, pos_weight=None, backend=None):
@@ -598,17 +503,14 @@ def sigmoid_cross_entropy_hessian_diag(logits, labels, *, pos_weight=None, backe
     >>> fx.sigmoid_cross_entropy_hessian_diag(np.array([0.0]), np.array([1.0]))
     array([0.25])
     """
-    fn = "sigmoid_cross_entropy_hessian_diag"
-    on_device, name, arr = _setup(backend, logits=logits, labels=labels)
-    xp = _array_module(on_device)
-    logits = check.scores("logits", arr["logits"], min_ndim=0)
-    labels = check.dense_labels(fn, "labels", arr["labels"], logits.shape)
-    pos_weight = check.pos_weight(pos_weight, logits.shape, on_device)
-    if name == "numpy":
-        return _reference().sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight=pos_weight)
-    out = _dispatch.backend_module(name).sigmoid_cross_entropy_hessian_diag(
-        _elements(logits, xp), _elements(labels, xp), _pos_weight_for_kernel(pos_weight, logits.shape, xp))
-    return out.reshape(logits.shape)
+    call, _ = _prepare("sigmoid_cross_entropy_hessian_diag", backend, "logits", logits, labels)
+    pos_weight = check.pos_weight(pos_weight, call.first.shape, call.on_device)
+    if call.backend == "numpy":
+        return _reference().sigmoid_cross_entropy_hessian_diag(call.first, call.labels, pos_weight=pos_weight)
+    out = _dispatch.backend_module(call.backend).sigmoid_cross_entropy_hessian_diag(
+        _elements(call.first, call.xp), _elements(call.labels, call.xp),
+        _pos_weight_for_kernel(pos_weight, call.first.shape, call.xp))
+    return out.reshape(call.first.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -639,19 +541,11 @@ def score(logits, labels, *, axis=-1, ignore_index=None, backend=None):
     >>> bool(s.correct[0]), int(s.argmax[0])
     (True, 0)
     """
-    fn = "score"
-    on_device, name, arr = _setup(backend, logits=logits, labels=labels)
-    xp = _array_module(on_device)
-    logits = check.scores("logits", arr["logits"])
-    ax = check.axis(axis, logits.ndim)
-    count = logits.shape[ax]
-    check.num_classes(fn, "logits", count)
-    labels = check.class_ids(fn, arr["labels"], logits.shape, ax, "softmax_cross_entropy")
-    ignore_index = check.ignore_index(ignore_index)
-    if not on_device:
-        check.label_range(labels, count, ignore_index)
-    if name == "numpy":
-        return _reference().score(logits, labels, axis=ax, ignore_index=ignore_index)
-    fields = _dispatch.backend_module(name).score(_rows(logits, ax, xp), labels.reshape(-1), ignore_index,
-                                                  **_label_shape(on_device, labels))
-    return Score(*(field.reshape(labels.shape) for field in fields))
+    call, ignore_index = _prepare("score", backend, "logits", logits, labels, axis=axis, labels_kind="ids",
+                                  other_labels="softmax_cross_entropy", ignore_index=ignore_index)
+    if call.backend == "numpy":
+        return _reference().score(call.first, call.labels, axis=call.axis, ignore_index=ignore_index)
+    with _device_labels(call, ignore_index):
+        fields = _dispatch.backend_module(call.backend).score(
+            _rows(call.first, call.axis, call.xp), call.labels.reshape(-1), ignore_index)
+    return Score(*(field.reshape(call.loss_shape) for field in fields))

@@ -2,7 +2,7 @@
 
 Every backend is tested against this module, forward and backward. Each
 function computes in float64 with plain numpy, in the most direct form of the
-formula DESIGN.md states, then casts its outputs by the dtype rules (loss,
+formula docs/design.md states, then casts its outputs by the dtype rules (loss,
 logsumexp and score floats: float32 for 16-bit inputs, else the input dtype;
 gradients, hvp, Hessian diagonal, log_softmax, softmax: the first argument's
 dtype). It is slow on purpose and trusts its inputs: the public layer
@@ -11,7 +11,8 @@ minus ``backend``.
 
 Internally the class axis is moved last, so every helper works on rows.
 
-Decisions where DESIGN.md is silent (each backend must follow them):
+Decisions the contract leaves open (each backend must follow them; docs/design.md
+repeats them):
 
 * ``softcap`` is applied literally, before everything: ``c * tanh(-inf / c)``
   is ``-c``, so with a softcap a ``-inf`` score is a finite score, not a mask,
@@ -250,8 +251,10 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None,
     a = (1.0 - eps) * w[target][..., None] * onehot + (eps / num_classes) * w
     z, dz = _softcap(x, softcap)
     loss, grad, lse, p = _softmax_xent(z, a)
-    loss = loss + z_loss * lse**2
-    grad = (grad + 2.0 * z_loss * lse[..., None] * p) * dz
+    if z_loss:  # off adds exactly 0 (lse**2 overflows float64 from |lse| = 1.3e154: 0 * inf = NaN)
+        loss = loss + z_loss * lse**2
+        grad = grad + 2.0 * z_loss * lse[..., None] * p
+    grad = grad * dz
     loss = np.where(kept, loss, 0.0)
     grad = np.where(kept[..., None], grad, 0.0)
     denominator = np.sum(w[target][kept])

@@ -2,5 +2,5 @@
 
 Not Python code: this file only makes ``kernels/`` the data package
 ``fastxent.kernels`` in a wheel (see ``pyproject.toml``), where
-``fastxent/backends/cupy_cuda.py`` finds the sources with ``importlib.resources``.
+``fastxent/backends/cuda/_build.py`` finds the sources with ``importlib.resources``.
 """

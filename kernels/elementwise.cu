@@ -38,7 +38,7 @@ __device__ __forceinline__ A pos_weight_at(int mode, const double* pos_weight, d
 // ============================================================================
 
 template <class T, class Y>
-__global__ void __launch_bounds__(256) sigmoid_xent_elems(
+__global__ void __launch_bounds__(ELEMENTWISE_BLOCK_THREADS) sigmoid_xent_elems(
         const T* x, const Y* z, i64 n, i64 K, int pw_mode, const double* pos_weight, double pw_value,
         double eps, const double* scale, double scale_value, acc_t<T>* loss, T* grad, int vec_ok) {
     using A = acc_t<T>;
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(256) sigmoid_xent_elems(
 // ============================================================================
 
 template <class T, class Y>
-__global__ void __launch_bounds__(256) sigmoid_hess_elems(
+__global__ void __launch_bounds__(ELEMENTWISE_BLOCK_THREADS) sigmoid_hess_elems(
         const T* x, const Y* z, i64 n, i64 K, int pw_mode, const double* pos_weight, double pw_value,
         T* out, int vec_ok) {
     using A = acc_t<T>;
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(256) sigmoid_hess_elems(
 // ============================================================================
 
 template <class T, class Y>
-__global__ void __launch_bounds__(256) binary_xent_elems(
+__global__ void __launch_bounds__(ELEMENTWISE_BLOCK_THREADS) binary_xent_elems(
         const T* p, const Y* z, i64 n, double lo, double hi, double eps,
         const double* scale, double scale_value, acc_t<T>* loss, T* grad, int vec_ok) {
     using A = acc_t<T>;
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(256) binary_xent_elems(
 // ============================================================================
 
 template <class S, class D>
-__global__ void __launch_bounds__(256) cast_elems(const S* in, D* out, i64 n) {
+__global__ void __launch_bounds__(ELEMENTWISE_BLOCK_THREADS) cast_elems(const S* in, D* out, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = to_acc<D>(in[i]);
 }

@@ -3,7 +3,7 @@
 //
 // Nothing here knows a loss formula (those live in fx_formulas.cuh). The file needs no
 // CUDA header: it is compiled at run time by NVRTC through CuPy (which inlines it into
-// each .cu, see fastxent/backends/cupy_cuda.py) and by `nvcc -ptx` in ci/check_kernels.py.
+// each .cu, see fastxent/backends/cuda/_build.py) and by `nvcc -ptx` in ci/check_kernels.py.
 //
 // Storage types
 //   float, double          as themselves;
@@ -11,7 +11,7 @@
 //                          widen()/narrow() below: PTX cvt for half, bit shifts with
 //                          round-to-nearest-even for bfloat16. No cuda_fp16.h/cuda_bf16.h,
 //                          so a plain `pip install cupy-cuda12x` (no CUDA headers) works.
-// Accumulation type acc_t<T>: double for double, float otherwise (DESIGN.md: at least
+// Accumulation type acc_t<T>: double for double, float otherwise (docs/design.md: at least
 //   float32; a bf16 running sum has an 8-bit significand and stops growing after ~256 terms).
 //   It is also the loss dtype (float32 for 16-bit scores, else the scores' dtype).
 // Offsets are 64-bit (fx::i64): 65536 x 50257 scores = 3.3e9 elements overflow int32.
@@ -370,12 +370,24 @@ __device__ __forceinline__ S block_reduce(S v) {
     return r;
 }
 
-// Launch bounds of the row kernels: a block-per-row kernel (G == 0) may run 1024 threads
-// (64 registers each); a group kernel runs GROUP_BLOCK_THREADS, which leaves it up to 255
-// registers (at 64 the double and 8-lane variants spill). The host's
-// GROUP_BLOCK_THREADS in fastxent/backends/cupy_cuda.py must not exceed this value.
-enum { GROUP_BLOCK_THREADS = 256 };
-template <int G> __host__ __device__ constexpr int row_launch_bound() { return G == 0 ? 1024 : GROUP_BLOCK_THREADS; }
+// Launch bounds. The host's tunables (fastxent/_config.py: CUDA_GROUP_BLOCK_THREADS,
+// CUDA_ROW_BLOCK_MAX_THREADS, CUDA_ELEMENTWISE_BLOCK_THREADS) arrive as -D options
+// (fastxent/backends/cuda/_build.py, compile_options), so the block sizes the host
+// launches and the bounds compiled here are one value each. A block-per-row kernel
+// (G == 0) may run ROW_BLOCK_MAX_THREADS = 1024 threads (64 registers each); a group kernel
+// runs GROUP_BLOCK_THREADS = 256, which leaves it up to 255 registers (at 64 the double
+// and 8-lane variants spill).
+#if !defined(FX_GROUP_BLOCK_THREADS) || !defined(FX_ROW_BLOCK_MAX_THREADS) || !defined(FX_ELEMENTWISE_BLOCK_THREADS)
+#error "compile with the -D options of fastxent/backends/cuda/_build.py compile_options()"
+#endif
+enum {
+    GROUP_BLOCK_THREADS = FX_GROUP_BLOCK_THREADS,
+    ROW_BLOCK_MAX_THREADS = FX_ROW_BLOCK_MAX_THREADS,
+    ELEMENTWISE_BLOCK_THREADS = FX_ELEMENTWISE_BLOCK_THREADS
+};
+template <int G> __host__ __device__ constexpr int row_launch_bound() {
+    return G == 0 ? ROW_BLOCK_MAX_THREADS : GROUP_BLOCK_THREADS;
+}
 
 // G threads per row: G in {4, 8, 16, 32} packs blockDim.x / G rows into a block (several
 // rows per warp for small C); G == 0 gives the whole block to one row (large C). Rows

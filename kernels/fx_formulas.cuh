@@ -1,10 +1,10 @@
-// fastxent -- every loss formula of DESIGN.md, once, as device functions and the running
+// fastxent -- every loss formula of docs/design.md, once, as device functions and the running
 // statistics the kernels reduce. Read this file beside fastxent/reference.py: each block
 // below names the reference helper it mirrors. A is the accumulation type (float, or
 // double for double scores); every function here is per element or per row and knows
 // nothing about threads.
 //
-// Non-finite scores (DESIGN.md, reference.py's module docstring):
+// Non-finite scores (docs/design.md, reference.py's module docstring):
 //   * -inf at a class is masking: probability 0, gradient 0, and a term weighted by 0 adds
 //     nothing (the xlogy convention, xy() below);
 //   * the losses, score and hvp use the row rule: a row holding NaN or +inf, or entirely
@@ -183,12 +183,14 @@ __device__ __forceinline__ A sparse_xent_loss(const SparseRow<A>& r, LogNorm<A> 
     if (lse != lse) return lse;
     A loss = xy((A(1) - r.eps) * r.wy, -n.log_prob(zy));  // lse - z_y
     if (r.eps > A(0)) loss += r.eps_c * (r.W * ((n.m - r.anchor) + n.log_s) - wz);
-    return loss + r.z_loss * lse * lse;
+    // z_loss off adds exactly 0: lse * lse overflows float32 from |lse| = 1.8e19 (0 * inf = NaN).
+    return r.z_loss > A(0) ? loss + r.z_loss * lse * lse : loss;
 }
 
 // The coefficient of p_c in the gradient: T + 2 z_loss lse.
 template <class A> __device__ __forceinline__ A sparse_xent_p_coef(const SparseRow<A>& r, A lse) {
-    return (A(1) - r.eps) * r.wy + r.eps_c * r.W + A(2) * r.z_loss * lse;
+    const A base = (A(1) - r.eps) * r.wy + r.eps_c * r.W;
+    return r.z_loss > A(0) ? base + A(2) * r.z_loss * lse : base;
 }
 
 // d loss / d x_c for a kept row; w_c is the class weight of c (1 without weights).
@@ -407,12 +409,17 @@ __device__ __forceinline__ A binary_xent(A p, A z, A eps, A lo, A hi, A scale, A
 
 // ----------------------------------------------------------------------------
 // Sigmoid family (reference.sigmoid_cross_entropy, sigmoid_cross_entropy_hessian_diag;
-// TensorFlow's weighted_cross_entropy_with_logits), q = pos_weight, z' = (1-eps) z + eps/2:
-//   loss = (1-z') x + (1 + (q-1) z') softplus(-x)
-//   grad = ((1-z') - (1 + (q-1) z') sigmoid(-x)) * scale
+// TensorFlow's weighted_cross_entropy_with_logits), q = pos_weight, z' = (1-eps) z + eps/2,
+// w = 1 + (q-1) z', L = log1p(exp(-|x|)):
+//   loss = (1-z') x + w L        for x >= 0
+//        = -q z' x + w L         for x < 0     ((1-z') x + w max(-x, 0) = -q z' x there)
+//   grad = ((1-z') sigmoid(x) - q z' sigmoid(-x)) * scale
 //   hess = (1 + (q-1) z) sigmoid(x) sigmoid(-x)
-// softplus and sigmoid only take exp(-|x|): no overflow for any finite x. IEEE arithmetic
-// otherwise (x = +inf with z = 1 gives 0 * inf = NaN, as the reference).
+// No term cancels another, so a tiny loss keeps its relative precision (x = -20, z = 0:
+// 2.06e-9 in float32, where (1-z) x + w softplus(-x) gives 0), and exp only of -|x|
+// overflows for no x. The same form as the Numba kernels (fastxent/backends/numba/
+// _elementwise.py). x = -inf gives NaN, x = +inf gives (1-z') * inf: the reference's IEEE
+// evaluation of the literal formula (-inf + inf, 0 * inf).
 // ----------------------------------------------------------------------------
 
 template <class A> __device__ __forceinline__ A sigmoid(A x) {
@@ -420,16 +427,14 @@ template <class A> __device__ __forceinline__ A sigmoid(A x) {
     return x >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
 }
 
-template <class A> __device__ __forceinline__ A softplus(A x) {
-    return (x > A(0) ? x : A(0)) + acc_log1p(acc_exp(-absval(x)));
-}
-
 template <class A>
 __device__ __forceinline__ A sigmoid_xent(A x, A z, A q, A eps, A scale, A& grad) {
     const A zs = (A(1) - eps) * z + eps / A(2);
-    const A log_weight = A(1) + (q - A(1)) * zs;
-    grad = ((A(1) - zs) - log_weight * sigmoid(-x)) * scale;
-    return (A(1) - zs) * x + log_weight * softplus(-x);
+    const A weight = A(1) + (q - A(1)) * zs;
+    grad = ((A(1) - zs) * sigmoid(x) - q * zs * sigmoid(-x)) * scale;
+    const A linear = x >= A(0) ? (A(1) - zs) * x : -(q * zs) * x;
+    const A value = linear + weight * acc_log1p(acc_exp(-absval(x)));
+    return x == -inf<A>() ? nan<A>() : value;
 }
 
 template <class A> __device__ __forceinline__ A sigmoid_hessian(A x, A z, A q) {

@@ -33,7 +33,7 @@
 // gradient once: on an H200 (132 SMs, 50 MB L2) one 1024-thread block per SM keeps
 // 132 x 256.5 KB = 33.9 MB of bfloat16 rows of 128256 classes in flight, which fits the
 // L2, so the second read is an L2 hit and DRAM traffic is one read plus one write (the
-// host caps residency to keep this true, see _row_plan in cupy_cuda.py). The first read
+// host caps residency to keep this true, see row_plan in fastxent/backends/cuda/_plans.py). The first read
 // uses caching loads; the last read of a row (the gradient or output pass, the single pass
 // of score) uses evict-first (.cs) loads, walks the row backwards (row_apply REVERSE) and
 // streams its stores. One load flavour per pass keeps one copy of each pass's unrolled
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_xent_rows(
 // Partial statistics of chunk blockIdx.x of row blockIdx.y -> partial[row * splits + split].
 // Rows that are not kept are skipped (the merge kernel handles them).
 template <class T, class L>
-__global__ void __launch_bounds__(1024) sparse_xent_partial(
+__global__ void __launch_bounds__(ROW_BLOCK_MAX_THREADS) sparse_xent_partial(
         const T* x, const L* labels, i64 C, i64 chunk, const double* class_weight, double eps, double cap,
         i64 ignore_index, int has_ignore, SparseStats<acc_t<T>>* partial, int vec_ok) {
     using A = acc_t<T>;
@@ -205,7 +205,7 @@ __global__ void __launch_bounds__(GROUP_BLOCK_THREADS) sparse_xent_merge(
 
 // Gradient of chunk blockIdx.x of row blockIdx.y, from the merged normaliser.
 template <class T, class L>
-__global__ void __launch_bounds__(1024) sparse_xent_split_grad(
+__global__ void __launch_bounds__(ROW_BLOCK_MAX_THREADS) sparse_xent_split_grad(
         const T* x, const L* labels, i64 C, i64 chunk, const double* class_weight, double weight_sum,
         double eps, double z_loss, double cap, i64 ignore_index, int has_ignore,
         const LogNorm<acc_t<T>>* row_norm, const double* scale, double scale_value, T* grad, int vec_ok) {

@@ -6,9 +6,19 @@ dtype) through ``assert_close``, which prints the mismatch count, the first
 indices and the NaN/inf disagreements (Liger-Kernel's ``assert_verbose_allclose``).
 """
 
+import pathlib
+import re
+import shutil
+import subprocess
+import types
+
 import ml_dtypes
 import numpy as np
 import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KERNEL_DIR = ROOT / "kernels"
+CUDA_HOST_DIR = ROOT / "tests" / "cuda_host"
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = (np.dtype(np.float16), BF16, np.dtype(np.float32), np.dtype(np.float64))
@@ -107,3 +117,95 @@ def sparse_options(name, num_classes):
     if options.get("class_weight") == "random":
         options["class_weight"] = np.random.default_rng(5).uniform(0.2, 2.0, num_classes)
     return options
+
+
+def compare(got, expected, dtype, what, scale=1.0):
+    """A backend's ``(loss, grad)`` (or loss alone) against the reference's: the loss with
+    the "value" tolerance, the gradient with the "stored" one, dtypes equal. ``scale``
+    multiplies the absolute tolerances (an lse of 1e4 carries an absolute error of ~1e-3
+    in float32)."""
+    pairs = [("loss", got[0], expected[0], "value"), ("grad", got[1], expected[1], "stored")] if isinstance(
+        expected, tuple) else [("", got, expected, "value")]
+    for name, actual, wanted, kind in pairs:
+        assert_same_dtype(actual, wanted, f"{what} {name}")
+        rtol, atol = tolerance(dtype, kind)
+        assert_close(actual, wanted, dtype, kind, f"{what} {name}", tol=(rtol, atol * np.asarray(scale)))
+
+
+def compare_score(got, expected, dtype, what, scale=1.0):
+    """A backend's :class:`fastxent.Score` against the reference's, field by field."""
+    assert type(got) is type(expected), f"{what}: {type(got).__name__} is not {type(expected).__name__}"
+    for field in ("loss", "lse", "target_logprob", "entropy"):
+        actual, wanted = np.asarray(getattr(got, field)), np.asarray(getattr(expected, field))
+        assert_same_dtype(actual, wanted, f"{what} {field}")
+        rtol, atol = tolerance(dtype, "value")
+        assert_close(actual, wanted, dtype, "value", f"{what} {field}", tol=(rtol, atol * np.asarray(scale)))
+    for field in ("argmax", "correct"):
+        actual, wanted = np.asarray(getattr(got, field)), np.asarray(getattr(expected, field))
+        assert_same_dtype(actual, wanted, f"{what} {field}")
+        np.testing.assert_array_equal(actual, wanted, err_msg=f"{what} {field}")
+
+
+# ----------------------------------------------------------------------------
+# CUDA sources on a machine without a GPU
+# ----------------------------------------------------------------------------
+
+_KERNEL_DEF = re.compile(
+    r"template\s*<([^>]*)>\s*__global__\s+void\s+(?:__launch_bounds__\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(([^)]*)\)",
+    re.S)
+
+
+def kernel_signatures():
+    """kernel -> (file, template parameter names, [(C++ type, name), ...]) parsed from kernels/*.cu."""
+    signatures = {}
+    for path in sorted(KERNEL_DIR.glob("*.cu")):
+        for template, name, params in _KERNEL_DEF.findall(path.read_text()):
+            names = [t.split()[-1] for t in template.split(",")]
+            parsed = []
+            for param in params.split(","):
+                param = " ".join(param.split())
+                ctype, pname = param.rsplit(" ", 1)
+                while pname.startswith("*"):
+                    ctype, pname = ctype + "*", pname[1:]
+                parsed.append((ctype.replace(" *", "*"), pname))
+            signatures[name] = (path.name, names, parsed)
+    return signatures
+
+
+class FakeDeviceArray(np.ndarray):
+    """numpy memory that looks like a CuPy array to fastxent (device 0)."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+    @property
+    def device(self):
+        return types.SimpleNamespace(id=0)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.data.ptr, False), "version": 3}
+
+    def get(self):
+        return np.array(self)
+
+
+def build_host_library(tmp_path_factory, source):
+    """Compile ``tests/cuda_host/<source>`` (which includes kernels/ headers) as a shared
+    library with the kernels' -D options, loaded with ctypes; skips without a C++ compiler."""
+    import ctypes
+
+    from fastxent.backends.cuda import _build
+
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip(f"no C++ compiler: the host build of {source} needs g++ or clang++")
+    work = tmp_path_factory.mktemp(pathlib.Path(source).stem)
+    library = work / f"lib{pathlib.Path(source).stem}.so"
+    defines = [option for option in _build.compile_options() if option.startswith("-D")]
+    command = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(CUDA_HOST_DIR), "-I", str(KERNEL_DIR),
+               *defines, "-o", str(library), str(CUDA_HOST_DIR / source)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return ctypes.CDLL(str(library))

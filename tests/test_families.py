@@ -28,6 +28,8 @@ from tests.support import (
     FLOAT_DTYPES,
     assert_close,
     assert_same_dtype,
+    compare,
+    compare_score,
     make_class_ids,
     make_distribution,
     make_logits,
@@ -41,16 +43,6 @@ ROW_SHAPES = [(0, 5), (1, 2), (7, 3), (5, 423), (2, 50257)]
 ROW_IDS = [f"{n}x{c}" for n, c in ROW_SHAPES]
 
 
-def _compare(result, expected, dtype, what):
-    if isinstance(expected, tuple):
-        (loss, grad), (expected_loss, expected_grad) = result, expected
-        assert_same_dtype(loss, expected_loss, what + " loss")
-        assert_same_dtype(grad, expected_grad, what + " grad")
-        assert_close(loss, expected_loss, dtype, "value", what + " loss")
-        assert_close(grad, expected_grad, dtype, "stored", what + " grad")
-    else:
-        assert_same_dtype(result, expected, what)
-        assert_close(result, expected, dtype, "value", what)
 
 
 def _check_all_reductions(fn, first, labels, options, dtype, backend, what):
@@ -59,9 +51,9 @@ def _check_all_reductions(fn, first, labels, options, dtype, backend, what):
         expected = getattr(ref, fn)(first, labels, reduction=reduction, return_grad=True, **options)
         got = getattr(fx, fn)(first, labels, reduction=reduction, return_grad=True, backend=backend,
                               **options)
-        _compare(got, expected, dtype, f"{what} {reduction}")
+        compare(got, expected, dtype, f"{what} {reduction}")
         forward = getattr(fx, fn)(first, labels, reduction=reduction, backend=backend, **options)
-        _compare(forward, expected[0], dtype, f"{what} {reduction} forward-only")
+        compare(forward, expected[0], dtype, f"{what} {reduction} forward-only")
 
 
 def _binary_targets(shape, dtype, seed=3):
@@ -155,7 +147,7 @@ def test_sigmoid_extreme_scores(dtype):
         for pos_weight in (None, 2.0):
             expected = ref.sigmoid_cross_entropy(values, labels, pos_weight=pos_weight, return_grad=True)
             got = fx.sigmoid_cross_entropy(values, labels, pos_weight=pos_weight, return_grad=True)
-            _compare(got, expected, dtype, f"z={z} pos_weight={pos_weight}")
+            compare(got, expected, dtype, f"z={z} pos_weight={pos_weight}")
             finite = np.isfinite(values)
             assert np.all(np.isfinite(got[1][finite]))
             if pos_weight is None:   # 2 * 3e38 overflows float32, as in the reference
@@ -178,7 +170,7 @@ def test_sigmoid_tiny_loss_keeps_relative_precision():
 def test_label_dtypes():
     logits = make_logits((6, 9), np.float32)
     for labels in (_binary_targets((6, 9), np.float64) > 0.5, _binary_targets((6, 9), np.float64)):
-        _compare(fx.sigmoid_cross_entropy(logits, labels, return_grad=True),
+        compare(fx.sigmoid_cross_entropy(logits, labels, return_grad=True),
                  ref.sigmoid_cross_entropy(logits, labels, return_grad=True), np.float32,
                  f"labels {labels.dtype}")
 
@@ -276,14 +268,14 @@ def test_probability_edge_rows(dtype):
                       [0.25, 0.25, 0.25, 0.25]]).astype(dtype)
     ids = np.array([0, 1, 1, 1, 0, -100])
     soft = np.eye(4)[np.clip(ids, 0, 3)].astype(dtype)
-    _compare(fx.categorical_cross_entropy(probs, soft, return_grad=True),
+    compare(fx.categorical_cross_entropy(probs, soft, return_grad=True),
              ref.categorical_cross_entropy(probs, soft, return_grad=True), dtype, "categorical")
-    _compare(fx.sparse_categorical_cross_entropy(probs, ids, ignore_index=-100, return_grad=True),
+    compare(fx.sparse_categorical_cross_entropy(probs, ids, ignore_index=-100, return_grad=True),
              ref.sparse_categorical_cross_entropy(probs, ids, ignore_index=-100, return_grad=True),
              dtype, "sparse categorical")
     flat = probs.reshape(-1)
     targets = np.tile(np.array([0.0, 1.0, 0.5], dtype=dtype), 8)
-    _compare(fx.binary_cross_entropy(flat, targets, return_grad=True),
+    compare(fx.binary_cross_entropy(flat, targets, return_grad=True),
              ref.binary_cross_entropy(flat, targets, return_grad=True), dtype, "binary")
 
 
@@ -295,10 +287,10 @@ def test_class_axis_one_on_3d():
     probs = _row_probabilities((6, 3, 5), np.float32).transpose(0, 2, 1).copy()   # (6, 5, 3), classes on axis 1
     soft = make_distribution((6, 5, 3), axis=1)
     ids = make_class_ids((6, 3), 5)
-    _compare(fx.categorical_cross_entropy(probs, soft, axis=1, return_grad=True, reduction="mean"),
+    compare(fx.categorical_cross_entropy(probs, soft, axis=1, return_grad=True, reduction="mean"),
              ref.categorical_cross_entropy(probs, soft, axis=1, return_grad=True, reduction="mean"),
              np.float32, "categorical axis=1")
-    _compare(fx.sparse_categorical_cross_entropy(probs, ids, axis=1, return_grad=True),
+    compare(fx.sparse_categorical_cross_entropy(probs, ids, axis=1, return_grad=True),
              ref.sparse_categorical_cross_entropy(probs, ids, axis=1, return_grad=True),
              np.float32, "sparse categorical axis=1")
     logits = make_logits((6, 5, 3), np.float32)
@@ -307,14 +299,14 @@ def test_class_axis_one_on_3d():
                  ref.softmax_cross_entropy_hvp(logits, v, axis=1), np.float32, "stored", "hvp axis=1")
     got = fx.score(logits, ids, axis=1)
     expected = ref.score(logits, ids, axis=1)
-    _compare_score(got, expected, np.float32, "score axis=1")
+    compare_score(got, expected, np.float32, "score axis=1")
 
 
 def test_non_contiguous_inputs():
     base = make_logits((12, 40), np.float32)
     targets = _binary_targets((12, 40), np.float32)
     for logits, labels in ((base[::2, ::3], targets[1::2, ::3]), (base.T, targets.T), (base[:, ::-1], targets)):
-        _compare(fx.sigmoid_cross_entropy(logits, labels, pos_weight=np.linspace(1, 2, logits.shape[-1]),
+        compare(fx.sigmoid_cross_entropy(logits, labels, pos_weight=np.linspace(1, 2, logits.shape[-1]),
                                           return_grad=True),
                  ref.sigmoid_cross_entropy(logits, labels, pos_weight=np.linspace(1, 2, logits.shape[-1]),
                                            return_grad=True),
@@ -343,11 +335,11 @@ def test_grad_output(grad_output):
         ("sparse_categorical_cross_entropy", rows, ids, {}, row_upstream),
     ]
     for fn, first, labels, options, g in cases:
-        _compare(getattr(fx, fn)(first, labels, return_grad=True, grad_output=g, **options),
+        compare(getattr(fx, fn)(first, labels, return_grad=True, grad_output=g, **options),
                  getattr(ref, fn)(first, labels, return_grad=True, grad_output=g, **options),
                  np.float32, f"{fn} {grad_output}")
         for reduction in ("sum", "mean"):
-            _compare(getattr(fx, fn)(first, labels, return_grad=True, reduction=reduction, grad_output=0.5,
+            compare(getattr(fx, fn)(first, labels, return_grad=True, reduction=reduction, grad_output=0.5,
                                      **options),
                      getattr(ref, fn)(first, labels, return_grad=True, reduction=reduction, grad_output=0.5,
                                       **options),
@@ -462,14 +454,6 @@ def test_hvp_with_v_of_another_dtype():
 # score
 # ----------------------------------------------------------------------------
 
-def _compare_score(got, expected, dtype, what):
-    assert type(got) is type(expected)
-    for field in ("loss", "lse", "target_logprob", "entropy"):
-        assert_same_dtype(getattr(got, field), getattr(expected, field), f"{what} {field}")
-        assert_close(getattr(got, field), getattr(expected, field), dtype, "value", f"{what} {field}")
-    for field in ("argmax", "correct"):
-        assert_same_dtype(getattr(got, field), getattr(expected, field), f"{what} {field}")
-        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field), f"{what} {field}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -482,7 +466,7 @@ def test_score_matches_reference(backend, dtype, shape, ignore_index):
     if labels.size:
         labels[0] = np.argmax(logits[0].astype(np.float64))       # one correct row at least
     got = fx.score(logits, labels, ignore_index=ignore_index, backend=backend)
-    _compare_score(got, ref.score(logits, labels, ignore_index=ignore_index), dtype, f"{backend}")
+    compare_score(got, ref.score(logits, labels, ignore_index=ignore_index), dtype, f"{backend}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
@@ -505,7 +489,7 @@ def test_score_ties_and_non_finite_rows(dtype):
     labels = np.array([0, 100, 3000, 1, 5, 0, 17, 2500, 3, -1, 0, 4999])
     got = fx.score(x, labels, ignore_index=-1)
     expected = ref.score(x, labels, ignore_index=-1)
-    _compare_score(got, expected, dtype, "edge rows")
+    compare_score(got, expected, dtype, "edge rows")
     assert got.argmax.tolist()[:8] == [0, 100, 3000, 0, got.argmax[4], 0, 17, 2500]
     assert got.loss[8] == np.inf and got.loss[9] == 0 and np.isnan(got.target_logprob[9])
     assert np.isfinite(got.loss[4]) and np.isfinite(got.entropy[4])

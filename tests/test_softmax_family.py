@@ -10,32 +10,22 @@ import pytest
 import fastxent as fx
 from fastxent import reference as ref
 from tests.support import (
-    SPARSE_OPTIONS,
-    sparse_options,
     DTYPE_IDS,
     FLOAT_DTYPES,
+    SPARSE_OPTIONS,
     assert_close,
     assert_same_dtype,
+    compare,
     make_class_ids,
     make_distribution,
     make_logits,
+    sparse_options,
 )
 
 BACKENDS = ["numba", "numpy"]
 SHAPES = [(0, 5), (1, 2), (7, 3), (5, 423), (2, 50257)]
 SHAPE_IDS = [f"{n}x{c}" for n, c in SHAPES]
 
-def _compare(result, expected, dtype, what):
-    if isinstance(expected, tuple):
-        loss, grad = result
-        expected_loss, expected_grad = expected
-        assert_same_dtype(loss, expected_loss, what + " loss")
-        assert_same_dtype(grad, expected_grad, what + " grad")
-        assert_close(loss, expected_loss, dtype, "value", what + " loss")
-        assert_close(grad, expected_grad, dtype, "stored", what + " grad")
-    else:
-        assert_same_dtype(result, expected, what)
-        assert_close(result, expected, dtype, "value", what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,10 +42,10 @@ def test_sparse_matches_reference(backend, dtype, shape, option):
                                                     return_grad=True, **options)
         got = fx.sparse_softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
                                               backend=backend, **options)
-        _compare(got, expected, dtype, f"{backend} {option} {reduction}")
+        compare(got, expected, dtype, f"{backend} {option} {reduction}")
         forward = fx.sparse_softmax_cross_entropy(logits, labels, reduction=reduction,
                                                   backend=backend, **options)
-        _compare(forward, expected[0], dtype, f"{backend} {option} {reduction} forward-only")
+        compare(forward, expected[0], dtype, f"{backend} {option} {reduction} forward-only")
 
 
 SOFT_OPTIONS = {"plain": {}, "smoothing": {"label_smoothing": 0.15}, "softcap": {"softcap": 3.0}}
@@ -74,7 +64,7 @@ def test_soft_matches_reference(backend, dtype, shape, option):
                                              **options)
         got = fx.softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
                                        backend=backend, **options)
-        _compare(got, expected, dtype, f"{backend} {option} {reduction}")
+        compare(got, expected, dtype, f"{backend} {option} {reduction}")
 
 
 @pytest.mark.parametrize("label_dtype", [np.bool_, np.float64, np.float16])
@@ -82,7 +72,7 @@ def test_soft_label_dtypes(label_dtype):
     logits = make_logits((6, 9), np.float32)
     labels = (make_distribution((6, 9), dtype=np.float64) > 0.1).astype(label_dtype)
     expected = ref.softmax_cross_entropy(logits, labels, return_grad=True)
-    _compare(fx.softmax_cross_entropy(logits, labels, return_grad=True), expected, np.float32,
+    compare(fx.softmax_cross_entropy(logits, labels, return_grad=True), expected, np.float32,
              f"labels {np.dtype(label_dtype).name}")
 
 
@@ -106,11 +96,11 @@ def test_class_axis_one_on_3d(backend):
     expected = ref.sparse_softmax_cross_entropy(logits, labels, axis=1, return_grad=True, reduction="mean")
     got = fx.sparse_softmax_cross_entropy(logits, labels, axis=1, return_grad=True, reduction="mean",
                                           backend=backend)
-    _compare(got, expected, np.float32, "axis=1")
+    compare(got, expected, np.float32, "axis=1")
     soft = make_distribution((3, 11, 4), axis=1)
     expected = ref.softmax_cross_entropy(logits, soft, axis=1, return_grad=True)
     got = fx.softmax_cross_entropy(logits, soft, axis=1, return_grad=True, backend=backend)
-    _compare(got, expected, np.float32, "soft axis=1")
+    compare(got, expected, np.float32, "soft axis=1")
     for name in ("log_softmax", "softmax", "logsumexp"):
         assert_close(getattr(fx, name)(logits, axis=1, backend=backend), getattr(ref, name)(logits, axis=1),
                      np.float32, "stored", name)
@@ -124,10 +114,10 @@ def test_non_contiguous_and_negative_strides():
     for logits in (base[::2, ::2], base[::-2, 10:30], base[:6, ::-2], np.asfortranarray(base[:6, :20])):
         expected = ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
         got = fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
-        _compare(got, expected, np.float32, f"strides {logits.strides}")
+        compare(got, expected, np.float32, f"strides {logits.strides}")
     labels_strided = make_class_ids((12,), 20)[::-2]
     logits = base[::2, :20]
-    _compare(fx.sparse_softmax_cross_entropy(logits, labels_strided),
+    compare(fx.sparse_softmax_cross_entropy(logits, labels_strided),
              ref.sparse_softmax_cross_entropy(logits, labels_strided), np.float32, "strided labels")
 
 
@@ -148,7 +138,7 @@ def test_non_finite_rows_stay_in_their_row(dtype):
     assert np.isnan(loss[2]) and np.isnan(loss[3]) and np.isnan(loss[4])
     assert loss[5] == np.inf
     assert np.all(grad[1, 100:4000] == 0)
-    _compare((loss, grad), expected, dtype, "non-finite")
+    compare((loss, grad), expected, dtype, "non-finite")
     for name in ("logsumexp", "log_softmax", "softmax"):
         assert_close(getattr(fx, name)(logits), getattr(ref, name)(logits), dtype, "stored", name)
 
@@ -160,20 +150,20 @@ def test_soft_labels_zero_where_masked():
     labels[:, 2] = 0.0
     loss, grad = fx.softmax_cross_entropy(logits, labels, return_grad=True)
     assert np.all(np.isfinite(loss)) and np.all(grad[:, 2] == 0)
-    _compare((loss, grad), ref.softmax_cross_entropy(logits, labels, return_grad=True), np.float64, "xlogy")
+    compare((loss, grad), ref.softmax_cross_entropy(logits, labels, return_grad=True), np.float64, "xlogy")
 
 
 def test_large_magnitudes():
     logits = make_logits((5, 300), np.float32) * 3000
     labels = make_class_ids((5,), 300)
-    _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
+    compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
              ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True), np.float32, "±1e4")
 
 
 def test_ties_and_uniform_rows():
     logits = np.zeros((4, 1000), np.float32)
     labels = np.array([0, 999, 500, 3])
-    _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
+    compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
              ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True), np.float32, "uniform")
     assert_close(fx.sparse_softmax_cross_entropy(logits, labels), np.full(4, np.log(1000.0)),
                  np.float32, "value", "log(C)")
@@ -186,11 +176,11 @@ def test_grad_output(grad_output):
     rng = np.random.default_rng(9)
     upstream = {"scalar": np.float32(2.5), "per_row": rng.standard_normal((4, 3)),
                 "broadcast_column": rng.standard_normal((4, 1))}[grad_output]
-    _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=upstream),
+    compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=upstream),
              ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=upstream),
              np.float32, grad_output)
     for reduction in ("sum", "mean"):
-        _compare(
+        compare(
             fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True, reduction=reduction,
                                             grad_output=0.5),
             ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True, reduction=reduction,
@@ -227,7 +217,7 @@ def test_label_dtypes_int8_uint16_int32():
     logits = make_logits((5, 7), np.float32)
     for label_dtype in (np.int8, np.uint16, np.int32, np.int64):
         labels = make_class_ids((5,), 7).astype(label_dtype)
-        _compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
+        compare(fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True),
                  ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True), np.float32,
                  np.dtype(label_dtype).name)
 

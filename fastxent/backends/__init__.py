@@ -1,18 +1,21 @@
 """Compute backends: kernels that trust their inputs.
 
 The public layer (``fastxent/losses.py``) validates every argument, moves the
-class axis last and hands each backend *normalised* arrays. A backend module
-(``numba_cpu``, ``cupy_cuda``) exposes the same functions with the same
-contract; ``fastxent/reference.py`` is the float64 oracle they are tested
-against and is called by the public layer directly for ``backend="numpy"``.
+class axis last and hands each backend *normalised* arrays. A backend package
+(``fastxent.backends.numba`` on numpy arrays, ``fastxent.backends.cuda`` on
+CuPy arrays) exposes the same functions with the same contract;
+``fastxent/reference.py`` is the float64 oracle they are tested against and is
+called by the public layer directly for ``backend="numpy"``.
 
 Contract of a backend function
 ------------------------------
 * Row families (softmax, categorical, score, hvp, building blocks) receive
   ``logits``/``probs`` as a C-contiguous 2-D array ``(N, C)`` whose rows are the
-  class axis; sparse ``labels`` as a 1-D integer array ``(N,)`` already checked
-  to lie in ``[0, C)`` or equal ``ignore_index``; soft ``labels`` and ``v`` as
-  C-contiguous ``(N, C)`` arrays.
+  class axis; sparse ``labels`` as a 1-D integer array ``(N,)`` checked to lie
+  in ``[0, C)`` or equal ``ignore_index`` (host arrays by the public layer;
+  device arrays by the kernels, which raise :class:`BadLabels` instead of reading
+  out of bounds, and the public layer words the error); soft ``labels`` and
+  ``v`` as C-contiguous ``(N, C)`` arrays.
 * Elementwise families (sigmoid, binary) receive C-contiguous 2-D ``(R, K)``
   arrays (K = size of the last axis, 1 for a 0-d/1-d input reshaped) and
   ``pos_weight`` as ``None``, a Python float, or a C-contiguous ``(K,)`` or
@@ -51,3 +54,9 @@ Functions (all positional, in this order)::
 lower clip bound and the upper bound is ``1 - epsilon`` rounded to the probs'
 dtype (the backend rounds it).
 """
+
+
+class BadLabels(Exception):
+    """A device backend's kernels met a class id outside ``[0, C)`` that is not
+    ``ignore_index``. Raised without a message of its own: the public layer turns
+    it into the ``ValueError`` that names the first offending label."""
