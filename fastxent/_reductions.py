@@ -37,11 +37,18 @@ def reduce(loss, reduction, denominator, xp=np):
     (a mean over a zero denominator is 0.0)."""
     if reduction == "none":
         return loss
-    total = loss.sum(dtype=np.float64)
+    return from_total(loss.sum(dtype=np.float64), reduction, denominator, loss.dtype, xp)
+
+
+def from_total(total, reduction, denominator, dtype, xp=np):
+    """The reduced loss from the sum of the unreduced one (a backend asked for the sum
+    computes it without the unreduced buffer): ``total`` for ``"sum"``,
+    ``total / denominator`` for ``"mean"`` (0.0 over a zero denominator), as a 0-d
+    array of the loss ``dtype``."""
     if reduction == "mean":
         denominator = float(denominator)
         total = total / denominator if denominator != 0.0 else total * 0.0
-    return xp.asarray(total, dtype=loss.dtype)
+    return xp.asarray(total, dtype=dtype)
 
 
 def empty_mean(reduction, denominator):

@@ -173,7 +173,14 @@ def bad_label_message(labels, num_classes, ignore_index):
 
 
 def label_range(labels, num_classes, ignore_index):
-    """Raise ``ValueError`` for a class id outside ``[0, C)`` that is not ``ignore_index``."""
+    """Raise ``ValueError`` for a class id outside ``[0, C)`` that is not ``ignore_index``.
+
+    Labels whose minimum and maximum lie in range are accepted after two
+    reductions (0.6 ms for 10^6 int64 labels here, against 2.6 ms for the
+    mask of bad positions: 15% of a 1,000,000 x 10 forward).
+    """
+    if labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes):
+        return
     message = bad_label_message(labels, num_classes, ignore_index)
     if message is not None:
         raise ValueError(message)
@@ -260,6 +267,33 @@ def flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def inplace(value, return_grad, name, original, array, ax, labels, xp):
+    """``inplace=True`` writes the gradient over ``array``, the first argument as the
+    kernels read it (``original`` as the caller passed it); every way that could not
+    reach the caller's buffer, or would overwrite what the kernel still has to read,
+    is a ``ValueError``. ``ax`` is the class axis, None for elementwise functions."""
+    if not flag("inplace", value):
+        return False
+    if not return_grad:
+        raise ValueError(f"inplace=True writes the gradient over {name}, so it needs return_grad=True")
+    if xp is np:
+        if array.size and not np.may_share_memory(array, np.asarray(original)):
+            what = (f"byte-swapped (dtype {np.asarray(original).dtype.str}), so fastxent reads a native copy"
+                    if isinstance(original, np.ndarray) else f"a {type(original).__name__}, not an array")
+            raise ValueError(f"inplace=True needs {name} to be an array the gradient can be written into; "
+                             f"got {what}")
+        if not array.flags.writeable:
+            raise ValueError(f"inplace=True needs {name} to be writable; got a read-only array")
+    rows = array if ax is None else xp.moveaxis(array, ax, -1)
+    if not rows.flags.c_contiguous:
+        where = "C-contiguous" if ax is None else f"C-contiguous along its class axis (axis={ax})"
+        raise ValueError(f"inplace=True needs {name} {where}; got shape {array.shape} with strides "
+                         f"{array.strides}: pass a contiguous copy (np.ascontiguousarray) or inplace=False")
+    if labels is not None and xp.may_share_memory(array, labels):
+        raise ValueError(f"inplace=True would overwrite labels: {name} and labels share memory")
+    return True
 
 
 def class_weight(value, count, on_device):

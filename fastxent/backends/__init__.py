@@ -30,20 +30,36 @@ Contract of a backend function
 * Return values: the unreduced loss (``(N,)`` or ``(R, K)``) in the loss dtype
   (float32 for 16-bit scores, else the score dtype) and, when asked, the
   gradient in the first argument's dtype and 2-D shape. Reductions happen in
-  the public layer.
+  the public layer, which asks for the loss's sum instead when the caller
+  reduces:
+* ``total=True`` (keyword, every loss): the loss is returned as its sum over
+  all rows/elements, a float64 0-d array of the arrays' module, so a backend may
+  reduce without writing the unreduced loss (Numba's elementwise kernels sum
+  per block; CUDA sums its unreduced loss on the device). The public layer
+  divides a mean by its denominator and casts to the loss dtype.
+* ``inplace=True`` (keyword, only passed when set, only with ``grad_scale`` not
+  None; sparse and soft softmax, sigmoid, binary): the gradient is written over
+  the first argument, which is returned as the gradient. The public layer
+  guarantees the argument is the caller's writable buffer, C-contiguous along
+  the class axis, sharing no memory with the labels; the kernel reads whatever it
+  still needs of a row (target score, smoothing sums) before overwriting it.
 
-Functions (all positional, in this order)::
+Functions (arrays and options positional, in this order)::
 
     sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight,
-                                 label_smoothing, z_loss, softcap, grad_scale)
-        -> (loss (N,), grad (N, C) | None)
-    softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale)
-        -> (loss (N,), grad | None)
-    sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale)
-        -> (loss (R, K), grad | None)
-    binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale)
-    categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale)
-    sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale)
+                                 label_smoothing, z_loss, softcap, grad_scale,
+                                 *, total=False, inplace=False)
+        -> (loss (N,) | sum, grad (N, C) | None)
+    softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale,
+                          *, total=False, inplace=False)
+        -> (loss (N,) | sum, grad | None)
+    sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale,
+                          *, total=False, inplace=False)
+        -> (loss (R, K) | sum, grad | None)
+    binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale,
+                         *, total=False, inplace=False)
+    categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *, total=False)
+    sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale, *, total=False)
     log_softmax(x) -> (N, C);  softmax(x) -> (N, C);  logsumexp(x) -> (N,)
     softmax_cross_entropy_hvp(logits, v) -> (N, C)
     sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight) -> (R, K)

@@ -20,9 +20,16 @@ synchronisation; when it is set, :class:`fastxent.backends.BadLabels` is raised 
 the public layer words the ``ValueError``. ``fastxent._config.CUDA_CHECK_LABELS = False``
 or ``FASTXENT_CUDA_SKIP_LABEL_CHECK=1`` skips the read.
 
-``inplace=True`` (the fused softmax calls): the gradient is written into the logits
-buffer and returned as the gradient, saving an (N, C) allocation and its memory
-traffic; the logits are lost.
+``inplace=True`` (the fused softmax, sigmoid and binary calls): the gradient is written
+into the scores' buffer and returned as the gradient, saving an allocation of their size
+and its memory traffic; the scores are lost. Each element is read before it is written,
+by the same thread (the row kernels synchronise the group before the gradient stores).
+
+``total=True`` (every loss): the loss is returned as its sum, a float64 0-d CuPy array,
+for the public layer's reductions. The kernels still write the unreduced loss and the
+sum is one CuPy reduction over it on the device: the loss is (N,) for the row
+families, and for the elementwise ones a buffer of the scores' size in the
+accumulation type (the Numba backend sums per block inside its kernel instead).
 """
 
 import numpy as np
@@ -58,6 +65,13 @@ __all__ = [
 _MODE_LOGSUMEXP, _MODE_LOG_SOFTMAX, _MODE_SOFTMAX = 0, 1, 2
 
 
+def _finish(loss, grad, total):
+    """The unreduced loss, or with ``total`` its float64 sum (0-d, on the device)."""
+    if total:
+        return loss.sum(dtype=np.float64), grad
+    return loss, grad
+
+
 def _info(array):
     """The launch-plan attributes of ``array``'s device."""
     return _plans.device_info(array.device.id)
@@ -89,7 +103,7 @@ def _row_launch(kernel_name, first, second, fused, args, *checked):
 # ----------------------------------------------------------------------------
 
 def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, label_smoothing,
-                                 z_loss, softcap, grad_scale, *, inplace=False):
+                                 z_loss, softcap, grad_scale, *, total=False, inplace=False):
     """Sparse softmax cross-entropy of (N, C) rows: ``(loss (N,), grad (N, C) or None)``.
 
     Few rows of many classes (N < SMs, C >= ``CUDA_SPLIT_MIN_CLASSES``) take the
@@ -99,7 +113,7 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
     with a.device(logits):
         loss, grad = _outputs(logits, n_rows, grad_scale, inplace)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         info = _info(logits)
         ids = a.class_ids(labels, n_rows)
         weights, weight_sum = a.class_weight_args(class_weight, n_classes)
@@ -119,7 +133,7 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
                      (logits, ids, a.i64(n_rows), a.i64(n_classes), *options, scale, scale_value, loss,
                       a.pointer(grad), a.i32(vec), flag), plan.smem)
         a.check_label_flag(flag)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 def _sparse_split(logits, ids, split, options, scale, scale_value, loss, grad, vec, flag):
@@ -145,20 +159,20 @@ def _sparse_split(logits, ids, split, options, scale, scale_value, loss, grad, v
                               ignore, has_ignore, row_norm, scale, scale_value, grad, a.i32(vec)))
 
 
-def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, *, inplace=False):
+def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, *, total=False, inplace=False):
     """Soft-label softmax cross-entropy of (N, C) rows; ``inplace`` as the sparse one."""
     n_rows, n_classes = logits.shape
     with a.device(logits):
         loss, grad = _outputs(logits, n_rows, grad_scale, inplace)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, logits.dtype, _info(logits), logits.shape)
         scale, scale_value = a.scale_args(grad_scale, n_rows)
         _row_launch("soft_xent_rows", logits, targets, grad is not None,
                     (logits, targets, a.i64(n_rows), a.i64(n_classes), a.f64(label_smoothing),
                      a.f64(softcap if softcap is not None else 0.0), scale, scale_value, loss, a.pointer(grad)),
                     targets, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 def _softmax_rows(x, mode):
@@ -227,29 +241,29 @@ def score(logits, labels, ignore_index):
 # Probability inputs
 # ----------------------------------------------------------------------------
 
-def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale):
+def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *, total=False):
     """Keras categorical cross-entropy of (N, C) probability rows."""
     n_rows, n_classes = probs.shape
     with a.device(probs):
         loss, grad = _outputs(probs, n_rows, grad_scale)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, probs.dtype, _info(probs), probs.shape)
         lo, hi = a.clip_args(epsilon, probs.dtype)
         scale, scale_value = a.scale_args(grad_scale, n_rows)
         _row_launch("categorical_rows", probs, targets, True,
                     (probs, targets, a.i64(n_rows), a.i64(n_classes), lo, hi, a.f64(label_smoothing), scale,
                      scale_value, loss, a.pointer(grad)), targets, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
-def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale):
+def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale, *, total=False):
     """Keras sparse categorical cross-entropy of (N, C) probability rows."""
     n_rows, n_classes = probs.shape
     with a.device(probs):
         loss, grad = _outputs(probs, n_rows, grad_scale)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         ids = a.class_ids(labels, n_rows)
         lo, hi = a.clip_args(epsilon, probs.dtype)
         ignore, has_ignore = a.ignore_args(ignore_index)
@@ -262,7 +276,7 @@ def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_
                  (probs, ids, a.i64(n_rows), a.i64(n_classes), lo, hi, ignore, has_ignore, scale, scale_value,
                   loss, a.pointer(grad), a.i32(vec_ok(vector_width(probs.dtype), probs)), flag), plan.smem)
         a.check_label_flag(flag)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 # ----------------------------------------------------------------------------
@@ -277,12 +291,12 @@ def _elementwise_launch(kernel_name, first, targets, args, *checked):
              args + (a.i32(vec_ok(vec, first, targets, *checked)),))
 
 
-def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale):
+def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale, *, total=False, inplace=False):
     """Elementwise sigmoid cross-entropy of (R, K) scores; ``(loss (R, K), grad or None)``."""
     with a.device(logits):
-        loss, grad = _outputs(logits, logits.shape, grad_scale)
+        loss, grad = _outputs(logits, logits.shape, grad_scale, inplace)
         if logits.size == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, logits.dtype, _info(logits), logits.shape)
         mode, weights, weight_value = a.pos_weight_args(pos_weight, logits.shape)
         scale, scale_value = a.scale_args(grad_scale, logits.size)
@@ -290,7 +304,7 @@ def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scal
                             (logits, targets, a.i64(logits.size), a.i64(logits.shape[-1]), mode, weights,
                              weight_value, a.f64(label_smoothing), scale, scale_value, loss, a.pointer(grad)),
                             loss, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
@@ -307,16 +321,16 @@ def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
     return out
 
 
-def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale):
+def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *, total=False, inplace=False):
     """Keras binary cross-entropy of (R, K) probabilities; ``(loss, grad or None)``."""
     with a.device(probs):
-        loss, grad = _outputs(probs, probs.shape, grad_scale)
+        loss, grad = _outputs(probs, probs.shape, grad_scale, inplace)
         if probs.size == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, probs.dtype, _info(probs), probs.shape)
         lo, hi = a.clip_args(epsilon, probs.dtype)
         scale, scale_value = a.scale_args(grad_scale, probs.size)
         _elementwise_launch("binary_xent_elems", probs, targets,
                             (probs, targets, a.i64(probs.size), lo, hi, a.f64(label_smoothing), scale, scale_value,
                              loss, a.pointer(grad)), loss, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
