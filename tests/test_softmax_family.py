@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastxent as fx
+from fastxent import _config
 from fastxent import reference as ref
 from tests.support import (
     DTYPE_IDS,
@@ -141,6 +142,37 @@ def test_non_finite_rows_stay_in_their_row(dtype):
     compare((loss, grad), expected, dtype, "non-finite")
     for name in ("logsumexp", "log_softmax", "softmax"):
         assert_close(getattr(fx, name)(logits), getattr(ref, name)(logits), dtype, "stored", name)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("option", ["plain", "ignore", "weights", "z_loss"])
+def test_short_rows_across_blocks(dtype, option):
+    """The short-row kernel (C < NUMBA_SHORT_ROW, blocks of NUMBA_ROW_BLOCK rows, transposed):
+    several blocks and a partial one, a grad_output per row, and non-finite rows that
+    must stay in their row (an ignored NaN row gets loss 0 and gradient 0)."""
+    count = 13
+    rows = 2 * _config.NUMBA_ROW_BLOCK + 37
+    logits = make_logits((rows, count), dtype, seed=21)
+    options = sparse_options(option, count)
+    labels = make_class_ids((rows,), count, ignore_index=options.get("ignore_index"), ignore_fraction=0.3, seed=22)
+    logits[5] = -np.inf                      # all -inf: NaN
+    logits[300, 4] = np.nan                  # NaN: NaN
+    logits[301, 2] = np.inf                  # +inf: NaN
+    logits[302, :12] = -np.inf               # masking: finite
+    labels[302] = 12
+    logits[303] = 1e4                        # large and uniform
+    if "ignore_index" in options:
+        logits[304, 3] = np.nan
+        labels[304] = -100                   # ignored NaN row: 0 and 0
+    grad_output = np.linspace(0.5, 2.0, rows)
+    expected = ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=grad_output,
+                                                **options)
+    got = fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=grad_output, **options)
+    compare(got, expected, dtype, f"short rows {option}", scale=np.where(np.arange(rows) == 303, 1e4, 1.0)[:, None])
+    compare(fx.sparse_softmax_cross_entropy(logits, labels, **options), expected[0], dtype,
+            f"short rows {option} forward", scale=np.where(np.arange(rows) == 303, 1e4, 1.0))
+    if "ignore_index" in options:
+        assert got[0][304] == 0 and not got[1][304].any()
 
 
 def test_soft_labels_zero_where_masked():
