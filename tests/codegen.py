@@ -19,8 +19,8 @@ What is looked for (docs/design.md, "The Numba backend"):
   vectorised loop with a scalar remainder loop (often unrolled) doing the same
   operations, so a scalar loop is accepted when a vectorised loop of the same
   function, not already claimed by another scalar loop, does the same kinds of
-  arithmetic (at most one kind missing); one without such a twin is a loop LLVM
-  did not vectorise;
+  arithmetic (a quarter of them may be missing: LLVM picks other instructions for
+  some vector operations); one without such a twin is a loop LLVM did not vectorise;
 * libm calls (``expf``, ``logf``...): a scalar call per element that also stops
   vectorisation; the row kernels may call ``log`` once per row.
 """
@@ -34,7 +34,11 @@ import warnings
 _FUNCTION = re.compile(r"^([A-Za-z_][\w.$]*):")
 _LABEL = re.compile(r"^(\.LBB\d+_\d+):")
 _JUMP = re.compile(r"^\s+j[a-z]+\s+(\.LBB\d+_\d+)\s*$")
-_FP_OP = re.compile(r"^\s+v?(f?n?m?(?:add|sub|mul|div|madd|msub)|max|min|sqrt|rcp|rsqrt)\d*(ss|sd|ps|pd)\b")
+_FP_OP = re.compile(r"^\s+v?(f?n?m?(?:add|sub|mul|div|madd|msub)|sqrt|rcp|rsqrt)\d*(ss|sd|ps|pd)\b")
+# Compares, max/min and blends are one kind, "select": LLVM turns `a if a > b else b`
+# into vmaxss in a scalar loop and into vcmpps + vblendvps in a vector one.
+_SELECT_OP = re.compile(r"^\s+v(?:max|min|cmp\w*|blendv?m?)(ss|sd|ps|pd)\b")
+_WIDE = re.compile(r"%[yz]mm")
 _INT_VECTOR_OP = re.compile(r"^\s+vp(?:add|sub|mul|max|min|and|or|xor|sll|srl|sra|cmp)\w*\s.*%[xyz]mm")
 _GATHER = re.compile(r"^\s+(v(?:p)?(?:gather|scatter)\w*)", re.M)
 _LIBM_CALL = re.compile(
@@ -87,8 +91,13 @@ def innermost_loops(asm):
         scalar, packed = collections.Counter(), collections.Counter()
         for line in lines[first:last + 1]:
             op = _FP_OP.match(line)
+            select = _SELECT_OP.match(line)
             if op:
                 (scalar if op.group(2) in ("ss", "sd") else packed)[op.group(1)] += 1
+            elif select and select.group(1) in ("ss", "sd"):
+                scalar["select"] += 1
+            elif select and _WIDE.search(line):   # a packed blend on xmm may be scalar code
+                packed["select"] += 1
             elif _INT_VECTOR_OP.match(line):
                 packed["int"] += 1
         loops.append({"lines": (first, last), "scalar": scalar, "packed": packed})
@@ -108,7 +117,7 @@ def scalar_loops(asm):
             continue
         kinds = set(loop["scalar"])
         fits = sorted((sum(v["packed"].values()), k) for k, v in enumerate(vector)
-                      if k not in claimed and len(kinds - set(v["packed"])) <= 1)
+                      if k not in claimed and len(kinds - set(v["packed"])) <= len(kinds) // 4)
         if fits:
             claimed.add(fits[0][1])
         else:

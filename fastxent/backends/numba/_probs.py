@@ -29,11 +29,16 @@ def _passes(q, lo, hi):
 @inline
 def _neg_log_slope(weight, q, clipped, lo, hi, acc):
     """``d/dq -weight * log(clip(q))``: ``-weight / clip(q)`` where the clip passes
-    it, else 0. ``clip(q) >= lo > 0`` where it passes, so ``weight == 0`` gives 0
-    without the xlogy select (a select around the division kept LLVM from
-    vectorising the categorical gradient loop: the division sank into a branch)."""
+    it, else 0; 0 where ``weight == 0`` (the xlogy convention: a 16-bit upper bound
+    ``1 - epsilon`` rounds to 1, so ``1 - clip(q)`` can be 0).
+
+    One select on both conditions after an unconditional division: the xlogy
+    helper's select around the division kept LLVM from vectorising the
+    categorical gradient loop (the division sank into a branch).
+    """
     slope = -weight / clipped
-    return slope if _passes(q, lo, hi) else acc(0.0)
+    keep = _passes(q, lo, hi) & (weight != 0)
+    return slope if keep else acc(0.0)
 
 
 @kernel
