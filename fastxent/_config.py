@@ -22,6 +22,11 @@ BACKEND_ENV = "FASTXENT_BACKEND"
 #: Also the elements per block of the elementwise kernels.
 NUMBA_CHUNK = 2048
 
+#: Scores per prange task of the Numba fused row kernels (a task is as many rows
+#: as make about this many, at least one): each task allocates one scratch row
+#: for the kept exponentials, so a malloc per row of 1000 classes is not paid.
+NUMBA_TASK_CLASSES = 16384
+
 #: Rows per block in the Numba kernels for short rows (C below this): one
 #: prange iteration handles a block of rows so per-iteration overhead and the
 #: scalar remainder of a 10-wide row are amortised.

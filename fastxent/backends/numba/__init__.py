@@ -22,6 +22,7 @@ neutral are always passed (class weights of ones, ``ignore_index`` -1, a
 and the gradient are pruned at compile time when ``None``.
 """
 
+import numba
 import numpy as np
 
 from ... import _config, _dtypes
@@ -196,12 +197,11 @@ def _finish(loss, grad, total):
     return loss, grad
 
 
-def _keeps_exp(logits, softcap, overwrites_scores=False):
-    """Whether the fused softmax kernels keep ``exp(x - m)`` in the gradient row between passes:
-    only for float32/float64 gradients (a 16-bit row would round the intermediate),
-    without softcap (whose slope needs the scores again), and not when the gradient
-    row is the scores' row while the loss still has to read them (``overwrites_scores``)."""
-    return softcap is None and logits.dtype.itemsize >= 4 and not overwrites_scores
+def _rows_per_task(rows, count):
+    """Rows per ``prange`` task of the fused row kernels: about ``NUMBA_TASK_CLASSES``
+    scores each (a task allocates one scratch row), and at least a few tasks per thread."""
+    per_thread = -(-rows // (4 * numba.get_num_threads()))
+    return max(1, min(per_thread, _config.NUMBA_TASK_CLASSES // max(count, 1)))
 
 
 # ----------------------------------------------------------------------------
@@ -222,10 +222,9 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
         _softmax.sparse_short_kernel(_kernel_view(logits), ids, ignore, weights, acc(z_loss), scale, step, loss,
                                      target, acc)
         return _finish(loss, grad, total)
-    keep_exp = _keeps_exp(logits, softcap, overwrites_scores=inplace and label_smoothing != 0)
     _softmax.sparse_kernel(_kernel_view(logits), ids, ignore, weights, acc(weights.sum()), acc(label_smoothing),
-                           acc(z_loss), None if softcap is None else acc(softcap), scale, step, keep_exp, loss,
-                           target, acc)
+                           acc(z_loss), None if softcap is None else acc(softcap), scale, step, softcap is None,
+                           _rows_per_task(*logits.shape), loss, target, acc)
     return _finish(loss, grad, total)
 
 
@@ -233,8 +232,8 @@ def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, 
     acc = _acc(logits.dtype)
     loss, grad, target, scale, step = _row_outputs(logits, grad_scale, inplace)
     _softmax.soft_kernel(_kernel_view(logits), _label_view(labels, acc), acc(label_smoothing),
-                         None if softcap is None else acc(softcap), scale, step,
-                         _keeps_exp(logits, softcap, overwrites_scores=inplace), loss, target, acc)
+                         None if softcap is None else acc(softcap), scale, step, softcap is None,
+                         _rows_per_task(*logits.shape), loss, target, acc)
     return _finish(loss, grad, total)
 
 

@@ -135,8 +135,8 @@ def row_lse(row, softcap, acc):
 def row_exp_into(row, out_row, acc):
     """``out_row = exp(x - m)`` (m = row max) and the row's lse: the fused kernels' first half.
 
-    Keeping the exponentials in the (float32/float64) gradient row lets the
-    gradient pass be a multiply-subtract instead of a second exp per element
+    Keeping the exponentials (in a scratch row of the accumulation type) lets
+    the gradient pass be a multiply-subtract instead of a second exp per element
     (measured: fused pass 1.6x faster at 4096 x 32000). Returns
     ``(shift, log_sum, 1 / sum)`` (see :func:`row_lse`); NaN for the rows
     ``row_lse`` makes NaN.

@@ -40,28 +40,29 @@ def _softmax_grad(raw, coef, offset, shift, log_sum, softcap, acc):
 
 
 @inline
-def _row_stats(row, dest, grad, i, keep_exp, softcap, acc):
-    """``(shift, log_sum, 1/sum)``; the last only when the exponentials were kept in ``dest[i]``
-    (the fused pass; ``dest`` is the gradient, or the scores themselves in place)."""
+def _row_stats(row, kept, grad, keep_exp, softcap, acc):
+    """``(shift, log_sum, 1/sum)``; the last only when the fused pass keeps the
+    exponentials in ``kept`` (a scratch row of the accumulation type)."""
     if grad is not None and keep_exp:
-        return row_exp_into(row, dest[i], acc)
+        return row_exp_into(row, kept, acc)
     shift, log_sum = row_lse(row, softcap, acc)
     return shift, log_sum, acc(0.0)
 
 
 @inline
-def _finish_grad_row(row, grad, grad_row, keep_exp, coef, inv_sum, shift, log_sum, offsets, offset_scale,
+def _finish_grad_row(row, grad, grad_row, kept, keep_exp, coef, inv_sum, shift, log_sum, offsets, offset_scale,
                      softcap, acc):
     """``grad_row[j] = (coef * p_j - offset_scale * offsets[j]) * dt/dx`` for the whole row.
 
-    With ``keep_exp`` the row already holds ``exp(x - m)`` and ``p_j`` is one
-    multiply away; otherwise ``p_j`` is recomputed from the scores (softcap,
-    16-bit gradients). ``offsets`` is None for a zero offset (no weights read).
+    With ``keep_exp``, ``kept`` holds ``exp(x - m)`` and ``p_j`` is one multiply
+    away; otherwise (softcap) ``p_j`` is recomputed from the scores. ``offsets`` is
+    None for a zero offset (no weights read). Each score is read before its
+    gradient is written, so ``grad_row`` may be ``row`` itself (in place).
     """
     if keep_exp:
         factor = coef * inv_sum
         for j in range(row.shape[0]):
-            value = nm.load(grad_row[j]) * factor
+            value = kept[j] * factor
             if offsets is not None:
                 value -= offset_scale * nm.load(offsets[j])
             grad_row[j] = nm.store(value, grad)
@@ -82,14 +83,16 @@ def _z_term(z_loss, lse):
 
 @kernel
 def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoothing, z_loss,
-                  softcap, scale, step, keep_exp, loss, grad, acc):
+                  softcap, scale, step, keep_exp, rows_per_task, loss, grad, acc):
     """Sparse softmax cross-entropy rows; the gradient too when ``grad`` is not None.
 
     ``l = (1-e) w_y (lse - t_y) + (e/C) (W lse - sum_c w_c t_c) + z lse^2``;
     ``dl/dt_c = ((1-e) w_y + (e/C) W + 2 z lse) p_c - (1-e) w_y [c == y] - (e/C) w_c``.
-    ``grad`` :data:`IN_PLACE` writes the gradient over ``logits``: the target score is
-    read first, and the caller passes ``keep_exp`` False with label smoothing (its
-    sum over the row reads the scores after the exponentials would have replaced them).
+    Tasks of ``rows_per_task`` rows, each with one scratch row for the kept
+    exponentials (``keep_exp``: no softcap), so 16-bit scores keep them unrounded
+    too (one exp per element instead of two: the bfloat16 fused pass was 1.5x the
+    float32 one in place). ``grad`` :data:`IN_PLACE` writes the gradient over
+    ``logits``: a row is only overwritten by its last pass, the target score read first.
     """
     count = logits.shape[1]
     # Typed constants: Numba makes ``1 - float32`` a float64, which would pull
@@ -97,50 +100,53 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
     share = smoothing / acc(count)
     keep = acc(1.0) - smoothing
     dest = gradient_target(logits, grad)
-    for i in prange(logits.shape[0]):
-        label = labels[i]
-        if label == ignore_index:
-            loss[i] = 0
+    rows = logits.shape[0]
+    for task in prange((rows + rows_per_task - 1) // rows_per_task):
+        kept = np.empty(count if grad is not None and keep_exp else 0, dtype=acc)
+        for i in range(task * rows_per_task, min(rows, (task + 1) * rows_per_task)):
+            label = labels[i]
+            if label == ignore_index:
+                loss[i] = 0
+                if grad is not None:
+                    zero_row(dest, i, acc)
+                continue
+            row = logits[i]
+            raw_target = row[label]
+            shift, log_sum, inv_sum = _row_stats(row, kept, grad, keep_exp, softcap, acc)
+            lse = shift + log_sum
+            target = capped(nm.load(raw_target), softcap)
+            weight = class_weight[label]
+            value = keep * weight * -log_prob(target, shift, log_sum) + _z_term(z_loss, lse)
+            if smoothing != 0:
+                gap = acc(0.0)   # sum_c w_c (shift - t_c): the smoothing term without W lse's cancellation
+                for j in range(count):
+                    gap += class_weight[j] * (shift - capped(nm.load(row[j]), softcap))
+                value += share * (weight_total * log_sum + gap)
+            loss[i] = value
             if grad is not None:
-                zero_row(dest, i, acc)
-            continue
-        row = logits[i]
-        raw_target = row[label]
-        shift, log_sum, inv_sum = _row_stats(row, dest, grad, i, keep_exp, softcap, acc)
-        lse = shift + log_sum
-        target = capped(nm.load(raw_target), softcap)
-        weight = class_weight[label]
-        value = keep * weight * -log_prob(target, shift, log_sum) + _z_term(z_loss, lse)
-        if smoothing != 0:
-            gap = acc(0.0)   # sum_c w_c (shift - t_c): the smoothing term without W lse's cancellation
-            for j in range(count):
-                gap += class_weight[j] * (shift - capped(nm.load(row[j]), softcap))
-            value += share * (weight_total * log_sum + gap)
-        loss[i] = value
-        if grad is not None:
-            g = acc(scale[i * step])
-            z_slope = acc(2.0) * z_loss * lse if z_loss != 0 else z_loss
-            coef = g * (keep * weight + share * weight_total + z_slope)
-            grad_row = dest[i]
-            # Reading the C class weights halves the loop's speed (measured 0.74
-            # vs 1.5 elements/ns): the unsmoothed loop does not touch them.
-            # (Two calls, not one with an Optional argument: a literal None prunes the offset at compile time.)
-            if smoothing == 0:
-                _finish_grad_row(row, dest, grad_row, keep_exp, coef, inv_sum, shift, log_sum, None, acc(0.0),
-                                 softcap, acc)
-            else:
-                _finish_grad_row(row, dest, grad_row, keep_exp, coef, inv_sum, shift, log_sum, class_weight,
-                                 g * share, softcap, acc)
-            # The target's own term -g (1-e) w_y: added to the kept float32/64
-            # value, or the element recomputed whole (a 16-bit value rounded
-            # before the subtraction would lose the cancellation's digits).
-            own = g * keep * weight
-            if keep_exp:
-                grad_row[label] = nm.store(nm.load(grad_row[label]) - own, dest)
-            else:
+                g = acc(scale[i * step])
+                z_slope = acc(2.0) * z_loss * lse if z_loss != 0 else z_loss
+                coef = g * (keep * weight + share * weight_total + z_slope)
+                grad_row = dest[i]
+                # Reading the C class weights halves the loop's speed (measured 0.74
+                # vs 1.5 elements/ns): the unsmoothed loop does not touch them.
+                # (Two calls, not one with an Optional argument: a literal None prunes the offset at compile time.)
+                if smoothing == 0:
+                    _finish_grad_row(row, dest, grad_row, kept, keep_exp, coef, inv_sum, shift, log_sum, None,
+                                     acc(0.0), softcap, acc)
+                else:
+                    _finish_grad_row(row, dest, grad_row, kept, keep_exp, coef, inv_sum, shift, log_sum,
+                                     class_weight, g * share, softcap, acc)
+                # The target's own term -g (1-e) w_y, subtracted before the one rounding
+                # to the gradient's dtype (a 16-bit value rounded first would lose the
+                # cancellation's digits).
+                own = g * keep * weight
                 offset = own + g * share * class_weight[label]
-                grad_row[label] = nm.store(
-                    _softmax_grad(raw_target, coef, offset, shift, log_sum, softcap, acc), dest)
+                if keep_exp:
+                    grad_row[label] = nm.store(kept[label] * (coef * inv_sum) - offset, dest)
+                else:
+                    grad_row[label] = nm.store(
+                        _softmax_grad(raw_target, coef, offset, shift, log_sum, softcap, acc), dest)
 
 
 @inline
@@ -257,41 +263,44 @@ def sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, scal
 
 
 @kernel
-def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss, grad, acc):
+def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, rows_per_task, loss, grad, acc):
     """Soft-label softmax cross-entropy rows (and gradient when ``grad`` is not None).
 
     ``y' = (1-e) y + e/C``; ``l = sum(y') lse - sum_c y'_c t_c`` (xlogy);
-    ``dl/dt_c = p_c sum(y') - y'_c``. ``grad`` :data:`IN_PLACE` (over ``logits``)
-    needs ``keep_exp`` False: the loss reads the scores after the statistics.
+    ``dl/dt_c = p_c sum(y') - y'_c``. Tasks, kept exponentials and ``grad``
+    :data:`IN_PLACE` as in :func:`sparse_kernel`.
     """
     count = logits.shape[1]
     share = smoothing / acc(count)
     keep = acc(1.0) - smoothing
     dest = gradient_target(logits, grad)
-    for i in prange(logits.shape[0]):
-        row = logits[i]
-        targets = labels[i]
-        shift, log_sum, inv_sum = _row_stats(row, dest, grad, i, keep_exp, softcap, acc)
-        label_total = acc(0.0)
-        gap = acc(0.0)
-        for j in range(count):
-            y = smoothed(targets[j], keep, share, acc)
-            label_total += y
-            gap += xlogy_term(y, shift - capped(nm.load(row[j]), softcap))
-        loss[i] = label_total * log_sum + gap
-        if grad is not None:
-            g = acc(scale[i * step])
-            grad_row = dest[i]
-            if keep_exp:
-                factor = g * label_total * inv_sum
-                for j in range(count):
-                    grad_row[j] = nm.store(nm.load(grad_row[j]) * factor - g * smoothed(targets[j], keep, share, acc),
-                                           dest)
-            else:
-                coef = g * label_total
-                for j in range(count):
-                    offset = g * smoothed(targets[j], keep, share, acc)
-                    grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, shift, log_sum, softcap, acc), dest)
+    rows = logits.shape[0]
+    for task in prange((rows + rows_per_task - 1) // rows_per_task):
+        kept = np.empty(count if grad is not None and keep_exp else 0, dtype=acc)
+        for i in range(task * rows_per_task, min(rows, (task + 1) * rows_per_task)):
+            row = logits[i]
+            targets = labels[i]
+            shift, log_sum, inv_sum = _row_stats(row, kept, grad, keep_exp, softcap, acc)
+            label_total = acc(0.0)
+            gap = acc(0.0)
+            for j in range(count):
+                y = smoothed(targets[j], keep, share, acc)
+                label_total += y
+                gap += xlogy_term(y, shift - capped(nm.load(row[j]), softcap))
+            loss[i] = label_total * log_sum + gap
+            if grad is not None:
+                g = acc(scale[i * step])
+                grad_row = dest[i]
+                if keep_exp:
+                    factor = g * label_total * inv_sum
+                    for j in range(count):
+                        grad_row[j] = nm.store(kept[j] * factor - g * smoothed(targets[j], keep, share, acc), dest)
+                else:
+                    coef = g * label_total
+                    for j in range(count):
+                        offset = g * smoothed(targets[j], keep, share, acc)
+                        grad_row[j] = nm.store(_softmax_grad(row[j], coef, offset, shift, log_sum, softcap, acc),
+                                               dest)
 
 
 @kernel
