@@ -34,22 +34,9 @@ import numpy as np
 
 from ._dtypes import loss_dtype, round_to
 from ._score import Score
+from .backends import FUNCTIONS
 
-__all__ = [
-    "sparse_softmax_cross_entropy",
-    "softmax_cross_entropy",
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-    "log_softmax",
-    "softmax",
-    "logsumexp",
-    "softmax_cross_entropy_hvp",
-    "sigmoid_cross_entropy_hessian_diag",
-    "score",
-    "Score",
-]
+__all__ = [*FUNCTIONS, "Score"]
 
 # --------------------------------------------------------------------------
 # helpers: one per formula

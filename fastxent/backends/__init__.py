@@ -60,3 +60,20 @@ class BadLabels(Exception):
     """A device backend's kernels met a class id outside ``[0, C)`` that is not
     ``ignore_index``. Raised without a message of its own: the public layer turns
     it into the ``ValueError`` that names the first offending label."""
+
+
+#: The functions every backend implements (and the reference, under the same names).
+FUNCTIONS = (
+    "sparse_softmax_cross_entropy",
+    "softmax_cross_entropy",
+    "sigmoid_cross_entropy",
+    "binary_cross_entropy",
+    "categorical_cross_entropy",
+    "sparse_categorical_cross_entropy",
+    "log_softmax",
+    "softmax",
+    "logsumexp",
+    "softmax_cross_entropy_hvp",
+    "sigmoid_cross_entropy_hessian_diag",
+    "score",
+)

@@ -29,30 +29,13 @@ import numpy as np
 
 from ... import _config
 from ..._score import Score
+from .. import FUNCTIONS
 from . import _args as a
 from . import _build, _plans
-from ._build import acc_dtype_name, get_kernel, instantiations, kernel_source, name_expression, precompile  # noqa: F401
+from ._build import acc_dtype_name, get_kernel, instantiations, kernel_source, name_expression, precompile
 from ._plans import row_plan, split_plan, vec_ok, vector_width
 
-__all__ = [
-    "sparse_softmax_cross_entropy",
-    "softmax_cross_entropy",
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-    "log_softmax",
-    "softmax",
-    "logsumexp",
-    "softmax_cross_entropy_hvp",
-    "sigmoid_cross_entropy_hessian_diag",
-    "score",
-    "get_kernel",
-    "instantiations",
-    "kernel_source",
-    "name_expression",
-    "precompile",
-]
+__all__ = [*FUNCTIONS, "get_kernel", "instantiations", "kernel_source", "name_expression", "precompile"]
 
 # Values of softmax_rows' mode argument (SoftmaxMode in softmax_rows.cu).
 _MODE_LOGSUMEXP, _MODE_LOG_SOFTMAX, _MODE_SOFTMAX = 0, 1, 2

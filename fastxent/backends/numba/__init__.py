@@ -26,22 +26,10 @@ import numpy as np
 
 from ... import _config, _dtypes
 from ..._score import Score
+from .. import FUNCTIONS
 from . import _elementwise, _moments, _probs, _softmax
 
-__all__ = [
-    "sparse_softmax_cross_entropy",
-    "softmax_cross_entropy",
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-    "log_softmax",
-    "softmax",
-    "logsumexp",
-    "softmax_cross_entropy_hvp",
-    "sigmoid_cross_entropy_hessian_diag",
-    "score",
-]
+__all__ = list(FUNCTIONS)
 
 # ----------------------------------------------------------------------------
 # Arrays as the kernels read them
