@@ -157,8 +157,12 @@ def class_ids(function, labels, logits_shape, ax, soft_alternative):
     return labels
 
 
-def bad_label_message(labels, num_classes, ignore_index):
-    """The message for the first label outside ``[0, C)`` that is not ``ignore_index``, or None."""
+def bad_label_message(labels, num_classes, ignore_index, origin=None):
+    """The message for the first label outside ``[0, C)`` that is not ``ignore_index``, or None.
+
+    ``origin``: where ``labels`` starts in a larger array (a block of a Dask array),
+    so the message names the position in the whole array.
+    """
     labels = np.asarray(labels)
     bad = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
@@ -167,6 +171,8 @@ def bad_label_message(labels, num_classes, ignore_index):
         return None
     flat = int(np.flatnonzero(bad.reshape(-1))[0])
     position = np.unravel_index(flat, labels.shape) if labels.ndim else ()
+    if origin is not None:
+        position = tuple(int(start) + int(i) for start, i in zip(origin, position))
     where = ", ".join(str(int(i)) for i in position)
     ignore = f" and is not ignore_index={ignore_index}" if ignore_index is not None else ""
     return f"labels[{where}] = {labels.reshape(-1)[flat]} is outside [0, {num_classes}){ignore}"

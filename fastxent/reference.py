@@ -33,6 +33,7 @@ repeats them):
 import numpy as np
 
 from ._dtypes import loss_dtype, round_to
+from ._partials import Partials
 from ._score import Score
 from .backends import FUNCTIONS
 
@@ -607,3 +608,90 @@ def score(logits, labels, *, axis=-1, ignore_index=None):
         argmax=argmax,
         correct=np.asarray(kept & (argmax == target)),
     )
+
+
+# --------------------------------------------------------------------------
+# a row split along the class axis (the backend contract's block functions)
+# --------------------------------------------------------------------------
+
+
+@np.errstate(all="ignore")
+def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments):
+    """Partial statistics of a block of classes ``[offset, offset + Cb)`` of each row.
+
+    The backend contract's ``softmax_partials`` (``fastxent/backends/__init__.py``):
+    ``logits`` is ``(N, Cb)``, ``labels`` None or ``(N,)`` class ids of the whole row,
+    ``class_weight`` None or the full ``(C,)`` vector. With ``z`` the (soft-capped)
+    scores, per row::
+
+        peak = max_c z_c,  total = Σ_c exp(z_c - peak)   (0 for an all -inf block)
+        target = z_y if offset <= y < offset + Cb and y != ignore_index, else 0
+        gap = Σ_c xy(w_{offset+c}, anchor - z_c),  anchor = peak if finite, else 0
+        spread = Σ_c xy(exp(z_c - peak), z_c - peak),  best = offset + argmax_c z_c
+
+    (``gap`` only with ``class_weight``, ``spread`` and ``best`` only with ``moments``.)
+    Floats in the loss dtype, ``best`` int64.
+
+    Examples
+    --------
+    >>> softmax_partials(np.zeros((1, 2)), None, 0, None, None, None, False).total
+    array([2.])
+    """
+    x = _f64(logits)
+    z, _ = _softcap(x, softcap)
+    rows, count = z.shape
+    peak = np.max(z, axis=-1) if count else np.full(rows, -np.inf)
+    shifted = z - np.where(peak == -np.inf, 0.0, peak)[..., None]
+    total = np.sum(np.exp(shifted), axis=-1)
+    target = np.zeros(rows)
+    if labels is not None:
+        local = np.asarray(labels).astype(np.int64) - offset
+        inside = (local >= 0) & (local < count)
+        if ignore_index is not None:
+            inside &= np.asarray(labels) != ignore_index
+        picked = z[np.arange(rows), np.where(inside, local, 0)] if count else target
+        target = np.where(inside, picked, 0.0)
+    anchor = np.zeros(rows)
+    gap = np.zeros(rows)
+    if class_weight is not None:
+        anchor = np.where(np.isfinite(peak), peak, 0.0)
+        gap = np.sum(_xy(_f64(class_weight)[offset:offset + count], anchor[..., None] - z), axis=-1)
+    spread = best = None
+    dtype = loss_dtype(np.asarray(logits).dtype)
+    if moments:
+        spread = np.asarray(np.sum(_xy(np.exp(shifted), shifted), axis=-1), dtype=dtype)
+        best = np.asarray(np.argmax(x, axis=-1), dtype=np.int64) + offset
+    return Partials(*(np.asarray(v, dtype=dtype) for v in (peak, total, target, anchor, gap)), spread, best)
+
+
+@np.errstate(all="ignore")
+def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,
+                       target_coef, weight_coef):
+    """The gradient of a block of classes ``[offset, offset + Cb)`` from each row's merged
+    normaliser (the backend contract's ``softmax_block_grad``)::
+
+        grad_ic = (P_i p_ic - V_i w_{offset+c} - [offset + c == y_i] Y_i) dz_ic/dx_ic,
+        p_ic = exp(z_ic - shift_i - log_sum_i)
+
+    with ``P, Y, V`` = ``p_coef, target_coef, weight_coef`` (no ``V`` term when
+    ``class_weight`` is None); 0 in an ignored row. In the logits' dtype.
+
+    Examples
+    --------
+    >>> softmax_block_grad(np.zeros((1, 2)), np.array([0]), 0, None, None, None,
+    ...                    np.zeros(1), np.log([2.0]), np.ones(1), np.ones(1), None)
+    array([[-0.5,  0.5]])
+    """
+    x = _f64(logits)
+    z, dz = _softcap(x, softcap)
+    rows, count = z.shape
+    p = np.exp(z - (_f64(shift) + _f64(log_sum))[..., None])
+    labels = np.asarray(labels).astype(np.int64)
+    onehot = (labels - offset)[..., None] == np.arange(count)
+    grad = _f64(p_coef)[..., None] * p - _f64(target_coef)[..., None] * onehot
+    if class_weight is not None:
+        grad = grad - _f64(weight_coef)[..., None] * _f64(class_weight)[offset:offset + count]
+    grad = grad * dz
+    if ignore_index is not None:
+        grad = np.where((labels == ignore_index)[..., None], 0.0, grad)
+    return grad.astype(np.asarray(logits).dtype)

@@ -49,6 +49,26 @@ Functions (all positional, in this order)::
     sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight) -> (R, K)
     score(logits, labels, ignore_index) -> fastxent._score.Score of (N,) arrays
 
+A row split along the class axis (``fastxent.dask``; the merge and what merged
+statistics give are ``fastxent/_partials.py``): ``logits`` is a block ``(N, Cb)``
+holding classes ``[offset, offset + Cb)`` of rows of C classes; ``labels`` are the
+rows' class ids in the whole row (checked by the public layer to lie in ``[0, C)``
+or equal ``ignore_index``; a label outside the block is not read); ``class_weight``
+is None or the full float64 ``(C,)`` vector, read at ``offset + c``::
+
+    softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments)
+        -> fastxent._partials.Partials of (N,) arrays
+    softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap,
+                       shift, log_sum, p_coef, target_coef, weight_coef) -> grad (N, Cb)
+
+``softmax_partials``: ``labels`` may be None (no target); ``class_weight`` given
+(ones when unweighted) asks for the label-smoothing sum ``gap``; ``moments`` asks
+for ``score``'s entropy term and argmax (then ``softcap`` is None).
+``softmax_block_grad``: ``grad[i, c] = (P_i p_ic - V_i w_{offset+c} - [offset + c == y_i] Y_i)
+dt/dx`` with ``p_ic = exp((t_ic - shift_i) - log_sum_i)`` and the per-row float64
+``P, Y, V`` = ``p_coef, target_coef, weight_coef`` (``weight_coef`` None, and
+``class_weight`` None, without label smoothing); an ignored row's block is zeros.
+
 ``class_weight`` is ``None`` or a float64 ``(C,)`` array; ``ignore_index`` is
 ``None`` or an int; ``softcap`` is ``None`` or a float > 0; ``epsilon`` is the
 lower clip bound and the upper bound is ``1 - epsilon`` rounded to the probs'
@@ -76,4 +96,6 @@ FUNCTIONS = (
     "softmax_cross_entropy_hvp",
     "sigmoid_cross_entropy_hessian_diag",
     "score",
+    "softmax_partials",
+    "softmax_block_grad",
 )

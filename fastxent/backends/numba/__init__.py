@@ -11,6 +11,8 @@ kernels live by job:
 * ``_softmax``: sparse and soft-label softmax cross-entropy, logsumexp,
   log_softmax, softmax;
 * ``_moments``: ``score`` and the softmax hvp (one-read row moments);
+* ``_partials``: a block of classes of a split row (partial statistics, the
+  block's gradient from the merged normaliser);
 * ``_elementwise``: sigmoid cross-entropy and its Hessian diagonal;
 * ``_probs``: binary, categorical and sparse categorical cross-entropy on probabilities.
 
@@ -25,9 +27,10 @@ and the gradient are pruned at compile time when ``None``.
 import numpy as np
 
 from ... import _config, _dtypes
+from ..._partials import Partials
 from ..._score import Score
 from .. import FUNCTIONS
-from . import _elementwise, _moments, _probs, _softmax
+from . import _elementwise, _moments, _partials, _probs, _softmax
 
 __all__ = list(FUNCTIONS)
 
@@ -286,3 +289,40 @@ def score(logits, labels, ignore_index):
     _moments.score_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index), loss, lse, target,
                           entropy, argmax, correct, _acc(logits.dtype))
     return Score(loss, lse, target, entropy, argmax, correct)
+
+
+# ----------------------------------------------------------------------------
+# A block of classes of a split row
+# ----------------------------------------------------------------------------
+
+def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments):
+    acc = _acc(logits.dtype)
+    rows = logits.shape[0]
+    peak, total, target = (_loss_out(rows, logits.dtype) for _ in range(3))
+    anchor = np.zeros(rows, dtype=acc)
+    gap = np.zeros(rows, dtype=acc)
+    spread = _loss_out(rows, logits.dtype) if moments else None
+    best = np.empty(rows, dtype=np.int64) if moments else None
+    _partials.partials_kernel(_kernel_view(logits), None if labels is None else _class_ids(labels),
+                              _ignore_value(ignore_index), np.int64(offset),
+                              None if class_weight is None else _readonly(class_weight.astype(acc)),
+                              None if softcap is None else acc(softcap), peak, total, target, anchor, gap, spread,
+                              best, acc)
+    return Partials(peak, total, target, anchor, gap, spread, best)
+
+
+def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,
+                       target_coef, weight_coef):
+    acc = _acc(logits.dtype)
+    grad, view = _new_like(logits)
+
+    def rows(values):
+        return _readonly(np.ascontiguousarray(values, dtype=np.float64))
+
+    # An unused weight_coef is an empty float64 array: one compiled signature for both cases.
+    _partials.block_grad_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index),
+                                np.int64(offset), None if class_weight is None else _readonly(class_weight.astype(acc)),
+                                None if softcap is None else acc(softcap), rows(shift), rows(log_sum), rows(p_coef),
+                                rows(target_coef), rows(np.zeros(0) if weight_coef is None else weight_coef), view,
+                                acc)
+    return grad

@@ -21,8 +21,10 @@ FASTMATH = nm.KERNEL_FASTMATH
 
 #: Every kernel: parallel over rows (or blocks of elements), cached on disk,
 #: ``error_model="numpy"`` (a division by zero gives IEEE inf/NaN, as the
-#: reference does, and adds no zero-check branch to a vector loop).
-kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+#: reference does, and adds no zero-check branch to a vector loop), and
+#: ``nogil``: a kernel releases the GIL, so Python threads (Dask's threaded
+#: scheduler, ``fastxent.dask``) run kernels on different blocks at once.
+kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 
 #: Every helper: inlined into the calling kernel by Numba, same flags.
 inline = njit(inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -100,16 +102,16 @@ def rebase(peak, shift):
 
 
 @inline
-def row_lse(row, softcap, acc):
-    """``log(sum(exp(t)))`` of one row (t = capped scores) in one read, chunk by chunk,
-    as the pair ``(shift, log_sum)`` with ``lse = shift + log_sum``.
+def row_sum_exp(row, softcap, acc):
+    """``(m, s)``: the max ``m`` of one row's (capped) scores ``t`` and ``s = sum exp(t - m)``,
+    in one read, chunk by chunk.
 
     Each chunk of ``CHUNK`` classes contributes ``(its max, sum exp(t - max))``
     while it is in L1, merged into the running pair by :func:`rebase`. A chunk
-    that is all ``-inf`` adds nothing; a row that is all ``-inf`` or holds
-    NaN/+inf gives a NaN ``log_sum``. Callers keep the pair apart:
-    ``(t - shift) - log_sum`` is exact where ``t - lse`` is not (at |x| = 1e4
-    float32 rounds lse to 1e-3, a 3e-4 relative error on log 2).
+    that is all ``-inf`` adds nothing, so an all ``-inf`` row gives ``(-inf, 0)``;
+    a row holding NaN or ``+inf`` gives a NaN ``s``. :func:`row_lse` takes its
+    log; the class-axis partials of ``_partials`` keep the pair, which merges
+    with other blocks' pairs.
     """
     count = row.shape[0]
     running_max = acc(-np.inf)
@@ -125,6 +127,20 @@ def row_lse(row, softcap, acc):
         if chunk_sum != 0:
             running_max, old, new = rebase(running_max, shift)
             running_sum = running_sum * old + chunk_sum * new
+    return running_max, running_sum
+
+
+@inline
+def row_lse(row, softcap, acc):
+    """``log(sum(exp(t)))`` of one row (t = capped scores) in one read (:func:`row_sum_exp`),
+    as the pair ``(shift, log_sum)`` with ``lse = shift + log_sum``.
+
+    A row that is all ``-inf`` or holds NaN/+inf gives a NaN ``log_sum``.
+    Callers keep the pair apart: ``(t - shift) - log_sum`` is exact where
+    ``t - lse`` is not (at |x| = 1e4 float32 rounds lse to 1e-3, a 3e-4
+    relative error on log 2).
+    """
+    running_max, running_sum = row_sum_exp(row, softcap, acc)
     if running_sum > 0:
         return running_max, acc(math.log(running_sum))
     return running_max, acc(np.nan)
