@@ -38,7 +38,8 @@ class Partials(NamedTuple):
     Attributes
     ----------
     peak : array
-        ``m``, the block's largest (soft-capped) score; ``-inf`` for an all ``-inf`` block.
+        ``m``, the block's largest (soft-capped) score; ``-inf`` for an all ``-inf`` block
+        (any value where ``total`` is NaN: the merge makes that row NaN whatever it is).
     total : array
         ``s = sum_c exp(t_c - m)``; 0 for an all ``-inf`` block, NaN when the block
         holds NaN or ``+inf``.

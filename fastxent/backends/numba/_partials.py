@@ -22,9 +22,7 @@ from ._softmax import _softmax_grad
 @inline
 def _local_label(labels, i, ignore_index, offset, count):
     """The label of row ``i`` as a position in the block, or -1 when the row is
-    ignored (or has no labels) or its class lies in another block."""
-    if labels is None:
-        return -1
+    ignored or its class lies in another block."""
     label = labels[i]
     if label == ignore_index:
         return -1
