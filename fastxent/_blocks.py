@@ -62,19 +62,26 @@ def partials(block, labels, offset, *, ignore_index=None, class_weight=None, lab
         weights = np.ones(offset + count) if class_weight is None else class_weight
         weight_sum = float(np.sum(weights[offset:offset + count]))
     fields = _backend(backend).softmax_partials(rows, ids, offset, ignore_index, weights, softcap, kind == "score")
-    best_value = nan = None
-    xp = _partials.array_module(rows)
-    if kind == "score":
-        picked = rows[xp.arange(rows.shape[0]), fields.best - offset]
-        best_value = picked.astype(_dtypes.accumulation_dtype(rows.dtype))
+    nan = None
     if kind == "lse":
         # Rare rows whose sum is NaN hold NaN or +inf; logsumexp tells them apart.
+        xp = _partials.array_module(rows)
         unsure = xp.isnan(fields.total)
         nan = xp.zeros(rows.shape[0], dtype=np.float64)
         if bool(unsure.any()):
-            nan[unsure] = xp.isnan(rows[unsure].astype(np.float32)).any(axis=-1)
-    records = _partials.pack(fields, weight_sum, best_value, nan)
+            nan[unsure] = _holds_nan(rows[unsure])
+    records = _partials.pack(fields, weight_sum, nan)
     return records.reshape(lead + (1, len(_partials.RECORD)))
+
+
+def _holds_nan(rows):
+    """Rows holding a NaN, read from the bits for 16-bit scores (no 16-bit arithmetic:
+    CuPy's own float16/bfloat16 kernels need CUDA headers at run time)."""
+    xp = _partials.array_module(rows)
+    if rows.dtype.itemsize == 2:
+        exponent_ones = 0x7F80 if _dtypes.is_bfloat16(rows.dtype) else 0x7C00
+        return ((rows.view(np.uint16) & 0x7FFF) > exponent_ones).any(axis=-1)
+    return xp.isnan(rows).any(axis=-1)
 
 
 def sparse_grad(block, labels, merged, scale, offset, *, ignore_index=None, class_weight=None, label_smoothing=0.0,

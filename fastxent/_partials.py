@@ -53,6 +53,9 @@ class Partials(NamedTuple):
         ``score`` only: ``u = sum_c exp(x_c - m) (x_c - m)``, the entropy term.
     best : array or None
         ``score`` only: the first class id (in the whole row) of the block's max.
+    best_value : array or None
+        ``score`` only: the score at ``best`` (NaN when the block holds a NaN), which
+        decides between blocks.
     """
 
     peak: Any
@@ -62,13 +65,13 @@ class Partials(NamedTuple):
     gap: Any
     spread: Any
     best: Any
+    best_value: Any
 
 
 #: Columns of a packed record: the :class:`Partials` fields, then ``weight`` (the sum of
-#: the block's class weights, which moves ``gap`` to another anchor), ``best_value`` (the
-#: score at ``best``, which decides between blocks) and ``nan`` (1 where the block's row
-#: holds a NaN: ``logsumexp`` tells NaN from ``+inf`` with it).
-RECORD = ("peak", "total", "target", "anchor", "gap", "spread", "best", "weight", "best_value", "nan")
+#: the block's class weights, which moves ``gap`` to another anchor) and ``nan`` (1 where
+#: the block's row holds a NaN: ``logsumexp`` tells NaN from ``+inf`` with it).
+RECORD = Partials._fields + ("weight", "nan")
 _COLUMN = {name: k for k, name in enumerate(RECORD)}
 
 
@@ -86,19 +89,16 @@ def column(records, name):
     return records[..., _COLUMN[name]]
 
 
-def pack(partials, weight, best_value=None, nan=None):
-    """Packed float64 records ``(N, F)`` of a block's :class:`Partials`; ``weight`` is the
-    block's class-weight sum (a number), ``best_value`` the scores at ``best`` and ``nan``
-    the rows holding a NaN (each None when unused: 0)."""
+def pack(partials, weight, nan=None):
+    """Packed float64 records ``(N, F)`` of a block's :class:`Partials` (a None field: 0);
+    ``weight`` is the block's class-weight sum (a number), ``nan`` the rows holding a NaN
+    (None: none)."""
     xp = array_module(partials.peak)
     records = xp.zeros((partials.peak.shape[0], len(RECORD)), dtype=np.float64)
-    for name in ("peak", "total", "target", "anchor", "gap", "spread", "best"):
-        value = getattr(partials, name)
+    for name, value in zip(Partials._fields, partials):
         if value is not None:
             records[:, _COLUMN[name]] = value
     records[:, _COLUMN["weight"]] = weight
-    if best_value is not None:
-        records[:, _COLUMN["best_value"]] = best_value
     if nan is not None:
         records[:, _COLUMN["nan"]] = nan
     return records

@@ -629,7 +629,8 @@ def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap
         gap = Σ_c xy(w_{offset+c}, anchor - z_c),  anchor = peak if finite, else 0
         spread = Σ_c xy(exp(z_c - peak), z_c - peak),  best = offset + argmax_c z_c
 
-    (``gap`` only with ``class_weight``, ``spread`` and ``best`` only with ``moments``.)
+    and ``best_value`` the score at ``best`` (``gap`` only with ``class_weight``; ``spread``,
+    ``best`` and ``best_value`` only with ``moments``).
     Floats in the loss dtype, ``best`` int64.
 
     Examples
@@ -656,12 +657,15 @@ def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap
     if class_weight is not None:
         anchor = np.where(np.isfinite(peak), peak, 0.0)
         gap = np.sum(_xy(_f64(class_weight)[offset:offset + count], anchor[..., None] - z), axis=-1)
-    spread = best = None
+    spread = best = best_value = None
     dtype = loss_dtype(np.asarray(logits).dtype)
     if moments:
         spread = np.asarray(np.sum(_xy(np.exp(shifted), shifted), axis=-1), dtype=dtype)
-        best = np.asarray(np.argmax(x, axis=-1), dtype=np.int64) + offset
-    return Partials(*(np.asarray(v, dtype=dtype) for v in (peak, total, target, anchor, gap)), spread, best)
+        best = np.asarray(np.argmax(x, axis=-1), dtype=np.int64)
+        best_value = np.asarray(x[np.arange(rows), best], dtype=dtype)
+        best = best + offset
+    return Partials(*(np.asarray(v, dtype=dtype) for v in (peak, total, target, anchor, gap)), spread, best,
+                    best_value)
 
 
 @np.errstate(all="ignore")

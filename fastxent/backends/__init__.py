@@ -63,7 +63,7 @@ is None or the full float64 ``(C,)`` vector, read at ``offset + c``::
 
 ``softmax_partials``: ``labels`` may be None (no target); ``class_weight`` given
 (ones when unweighted) asks for the label-smoothing sum ``gap``; ``moments`` asks
-for ``score``'s entropy term and argmax (then ``softcap`` is None).
+for ``score``'s entropy term, argmax and the score there (then ``softcap`` is None).
 ``softmax_block_grad``: ``grad[i, c] = (P_i p_ic - V_i w_{offset+c} - [offset + c == y_i] Y_i)
 dt/dx`` with ``p_ic = exp((t_ic - shift_i) - log_sum_i)`` and the per-row float64
 ``P, Y, V`` = ``p_coef, target_coef, weight_coef`` (``weight_coef`` None, and

@@ -303,14 +303,15 @@ def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap
     gap = np.zeros(rows, dtype=acc)
     spread = _loss_out(rows, logits.dtype) if moments else None
     best = np.empty(rows, dtype=np.int64) if moments else None
+    best_value = _loss_out(rows, logits.dtype) if moments else None
     # No labels: class ids of -1, in no block (one compiled kernel for both cases).
     ids = np.full(rows, -1, dtype=np.int64) if labels is None else _class_ids(labels)
     _partials.partials_kernel(_kernel_view(logits), ids,
                               _ignore_value(ignore_index), np.int64(offset),
                               None if class_weight is None else _readonly(class_weight.astype(acc)),
                               None if softcap is None else acc(softcap), peak, total, target, anchor, gap, spread,
-                              best, acc)
-    return Partials(peak, total, target, anchor, gap, spread, best)
+                              best, best_value, acc)
+    return Partials(peak, total, target, anchor, gap, spread, best, best_value)
 
 
 def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,

@@ -32,7 +32,7 @@ def _local_label(labels, i, ignore_index, offset, count):
 
 @kernel
 def partials_kernel(logits, labels, ignore_index, offset, class_weight, softcap, peak_out, total_out,
-                    target_out, anchor_out, gap_out, spread_out, best_out, acc):
+                    target_out, anchor_out, gap_out, spread_out, best_out, best_value_out, acc):
     """Per row of a block: ``peak`` m, ``total`` ``sum exp(t - m)``, ``target`` ``t_y`` (0 when
     the label is elsewhere or ignored), and, pruned at compile time:
 
@@ -40,8 +40,8 @@ def partials_kernel(logits, labels, ignore_index, offset, class_weight, softcap,
       (a zero weight adds 0, as the reference's ``xy``), ``anchor = m`` when
       finite, else 0; the weights are indexed ``offset + c`` (the full vector);
     * ``spread_out`` given (``score``, no softcap): the entropy term
-      ``sum exp(x - m) (x - m)`` and ``best``, the first index of the block's
-      max, as a class id of the whole row.
+      ``sum exp(x - m) (x - m)``, ``best``, the first index of the block's max
+      as a class id of the whole row, and the score there.
     """
     count = logits.shape[1]
     for i in prange(logits.shape[0]):
@@ -50,6 +50,7 @@ def partials_kernel(logits, labels, ignore_index, offset, class_weight, softcap,
             peak, total, spread, best = row_moments(row, None, acc)
             spread_out[i] = spread
             best_out[i] = best + offset
+            best_value_out[i] = nm.load(row[best])
         else:
             peak, total = row_sum_exp(row, softcap, acc)
         peak_out[i] = peak

@@ -1,0 +1,147 @@
+"""The CUDA block functions of a split row (``softmax_partials``, ``softmax_block_grad``) and
+``fastxent.dask`` on CuPy chunks, against the float64 reference.
+
+The same splits and adversarial rows as tests/test_partials.py (odd offsets, a one-class
+block, blocks wider than a block-per-row's 1024 threads, blocks of only ``-inf``
+classes, ignored rows, labels outside a block), on every launch path the row plan
+picks for the block's width; then the Dask layer with CuPy chunks under the threaded
+scheduler, both layouts.
+
+The whole module skips, with the reason, where CuPy or a CUDA device is missing (it runs
+on a GPU, or on the emulated device of tests/emu/).
+"""
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip(
+    "cupy", reason="CuPy is not installed (pip install 'fastxent[cuda12]' or '[cuda13]'); "
+                   "the CUDA backend tests need it")
+
+
+def _no_device_reason():
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 -- no driver, or a driver too old for this CuPy
+        return f"CuPy sees no usable CUDA driver ({type(exc).__name__}: {exc})"
+    return None if count > 0 else "CuPy sees no CUDA device"
+
+
+if _no_device_reason() is not None:
+    pytest.skip(f"{_no_device_reason()}: the CUDA backend tests need a GPU", allow_module_level=True)
+
+import dask  # noqa: E402
+import dask.array as da  # noqa: E402
+
+import fastxent.dask as fxd  # noqa: E402
+from fastxent import _blocks, _partials  # noqa: E402
+from fastxent import reference as ref  # noqa: E402
+from fastxent.backends import cuda  # noqa: E402
+from fastxent._dtypes import accumulation_dtype  # noqa: E402
+from tests.support import (  # noqa: E402
+    BF16,
+    DTYPE_IDS,
+    FLOAT_DTYPES,
+    assert_close,
+    compare,
+    compare_score,
+    make_class_ids,
+    make_logits,
+    sparse_options,
+    tolerance,
+)
+from tests.test_partials import SPLIT_IDS, SPLITS, _adversarial, _blocks_of  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def _host(value):
+    return None if value is None else cupy.asnumpy(value)
+
+
+def _device_dtypes():
+    """The score dtypes this CuPy can hold (bfloat16 needs CuPy >= 14 with ml_dtypes)."""
+    try:
+        cupy.asarray(np.zeros(4, dtype=BF16)).view(np.uint16)
+        return FLOAT_DTYPES, DTYPE_IDS
+    except Exception:  # noqa: BLE001
+        return ([d for d in FLOAT_DTYPES if d != BF16], [n for n in DTYPE_IDS if n != "bfloat16"])
+
+
+DEVICE_DTYPES, DEVICE_DTYPE_IDS = _device_dtypes()
+
+
+@pytest.mark.parametrize("dtype", DEVICE_DTYPES, ids=DEVICE_DTYPE_IDS)
+@pytest.mark.parametrize("rows,count,starts", SPLITS, ids=SPLIT_IDS)
+@pytest.mark.parametrize("kind", ["plain", "smoothing_softcap", "moments"])
+def test_cuda_block_partials_match_reference(dtype, rows, count, starts, kind):
+    x = make_logits((rows, count), dtype, seed=3)
+    labels = make_class_ids(rows, count, seed=4, ignore_index=-100, ignore_fraction=0.2)
+    x, labels = _adversarial(x, labels)
+    weights = np.random.default_rng(5).uniform(0.0, 2.0, count) if kind == "smoothing_softcap" else None
+    softcap = 6.0 if kind == "smoothing_softcap" else None
+    rtol, atol = tolerance(dtype, "value")
+    for offset, block in _blocks_of(x, starts):
+        args = (offset, -100, weights, softcap, kind == "moments")
+        got = cuda.softmax_partials(cupy.asarray(np.ascontiguousarray(block)), cupy.asarray(labels), *args)
+        want = ref.softmax_partials(block, labels, *args)
+        finite = ~np.isnan(want.total)
+        scale = np.maximum(1.0, np.abs(np.nan_to_num(want.peak.astype(np.float64), posinf=0, neginf=0)))
+        checks = [("total", finite | True), ("target", finite | True), ("peak", finite)]
+        if kind == "moments":
+            checks += [("spread", finite | True), ("best_value", finite | True)]
+            np.testing.assert_array_equal(_host(got.best), want.best, err_msg=f"block at {offset} best")
+        for field, rows_checked in checks:
+            assert_close(_host(getattr(got, field))[rows_checked], getattr(want, field)[rows_checked], dtype,
+                         what=f"block at {offset} {field}", tol=(rtol, atol * scale[rows_checked]))
+        if weights is not None:   # anchors are each backend's choice: the gaps moved to one anchor
+            moved = (_host(got.gap).astype(np.float64)
+                     + np.sum(weights[offset:offset + block.shape[1]]) * (want.anchor - _host(got.anchor)))
+            assert_close(moved, want.gap, dtype, what=f"block at {offset} gap",
+                         tol=(1e-4 if dtype != np.float64 else 1e-9, 1e-3 * scale * count))
+
+
+@pytest.mark.parametrize("dtype", DEVICE_DTYPES, ids=DEVICE_DTYPE_IDS)
+@pytest.mark.parametrize("rows,count,starts", SPLITS, ids=SPLIT_IDS)
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_cuda_split_sparse_matches_reference(dtype, rows, count, starts, option):
+    options = sparse_options(option, count)
+    x = make_logits((rows, count), dtype, seed=11)
+    labels = make_class_ids(rows, count, seed=12, ignore_index=options.get("ignore_index"), ignore_fraction=0.3)
+    if "ignore_index" in options:
+        x, labels = _adversarial(x, labels)
+    device_labels = cupy.asarray(labels)
+    split = {k: options.get(k) for k in ("ignore_index", "class_weight", "softcap")}
+    smoothing = options.get("label_smoothing", 0.0)
+    records = [_blocks.partials(cupy.asarray(block), device_labels, offset, kind="sparse", backend="cupy",
+                                label_smoothing=smoothing, **split) for offset, block in _blocks_of(x, starts)]
+    merged = _partials.merge(cupy.concatenate(records, axis=1))
+    finish = dict(ignore_index=split["ignore_index"], class_weight=split["class_weight"],
+                  label_smoothing=smoothing, z_loss=options.get("z_loss", 0.0), num_classes=count)
+    loss = _partials.sparse_loss(merged, device_labels, loss_dtype=accumulation_dtype(dtype), **finish)
+    grad = cupy.concatenate([_blocks.sparse_grad(cupy.asarray(block), device_labels, merged, 0.5, offset,
+                                                 softcap=split["softcap"], backend="cupy", **finish)
+                             for offset, block in _blocks_of(x, starts)], axis=1)
+    want = ref.sparse_softmax_cross_entropy(x, labels, **options, return_grad=True, grad_output=0.5)
+    compare((_host(loss), _host(grad)), want, dtype, f"cupy {option}",
+            scale=np.abs(x[:, :1].astype(np.float64)).clip(1))
+
+
+@pytest.mark.parametrize("classes", [(423,), (1, 129, 200, 93)], ids=["rows", "classes"])
+def test_dask_on_cupy_chunks_matches_reference(classes):
+    options = sparse_options("all", 423)
+    x = make_logits((10, 423), np.float32, seed=21)
+    labels = make_class_ids(10, 423, seed=22, ignore_index=-100, ignore_fraction=0.2)
+    logits = da.from_array(cupy.asarray(x), chunks=(4, classes))
+    device_labels = da.from_array(cupy.asarray(labels), chunks=4)
+    with dask.config.set(scheduler="threads"):
+        loss, grad = dask.compute(*fxd.sparse_softmax_cross_entropy(logits, device_labels, **options,
+                                                                    reduction="mean", return_grad=True))
+        fields = dask.compute(*fxd.score(logits, device_labels, ignore_index=-100))
+        lse = fxd.logsumexp(logits).compute()
+    assert isinstance(grad, cupy.ndarray)
+    compare((_host(loss), _host(grad)), ref.sparse_softmax_cross_entropy(x, labels, **options, reduction="mean",
+                                                                       return_grad=True), np.float32, "dask cupy")
+    compare_score(type(ref.score(x, labels))(*map(_host, fields)), ref.score(x, labels, ignore_index=-100),
+                  np.float32, "dask cupy score")
+    compare(_host(lse), ref.logsumexp(x), np.float32, "dask cupy logsumexp")
