@@ -1,8 +1,8 @@
 """A row split along the class axis: its blocks' partial statistics, their merge, and what
 the merged statistics give (loss, lse, ``score``, the gradient's row coefficients). Written once.
 
-A block of classes ``[offset, offset + Cb)`` of each row reduces to a :class:`Partials`
-(the backends' ``softmax_partials``): the block's max ``m``, ``s = sum exp(t - m)``,
+A block of classes ``[offset, offset + Cb)`` of each row reduces to a
+:class:`fastxent.backends.Partials` (the backends' ``softmax_partials``): the block's max ``m``, ``s = sum exp(t - m)``,
 the target score when the row's label lies in the block, the label-smoothing sum
 and, for ``score``, the entropy term and the argmax. Blocks merge with the
 log-sum-exp combine (the online softmax of Milakov & Gimelshein 2018, block by
@@ -22,50 +22,11 @@ the records of a batch of rows, never on a block of classes; the formulas match
 the xy convention) and the backends' row kernels.
 """
 
-from typing import Any, NamedTuple
-
 import numpy as np
 
 from . import _dtypes
 from ._score import Score
-
-
-class Partials(NamedTuple):
-    """Per-row partial statistics of one block of classes (the backends' ``softmax_partials``).
-
-    Float fields are in the loss dtype, ``best`` int64; each of shape ``(N,)``.
-
-    Attributes
-    ----------
-    peak : array
-        ``m``, the block's largest (soft-capped) score; ``-inf`` for an all ``-inf`` block
-        (any value where ``total`` is NaN: the merge makes that row NaN whatever it is).
-    total : array
-        ``s = sum_c exp(t_c - m)``; 0 for an all ``-inf`` block, NaN when the block
-        holds NaN or ``+inf``.
-    target : array
-        ``t_y`` when the row's label lies in the block and is not ``ignore_index``, else 0.
-    anchor : array
-        The finite shift of ``gap`` (any finite value the backend chose; 0 without smoothing).
-    gap : array
-        ``sum_c w_c (anchor - t_c)`` (a zero weight adds 0); 0 without label smoothing.
-    spread : array or None
-        ``score`` only: ``u = sum_c exp(x_c - m) (x_c - m)``, the entropy term.
-    best : array or None
-        ``score`` only: the first class id (in the whole row) of the block's max.
-    best_value : array or None
-        ``score`` only: the score at ``best`` (NaN when the block holds a NaN), which
-        decides between blocks.
-    """
-
-    peak: Any
-    total: Any
-    target: Any
-    anchor: Any
-    gap: Any
-    spread: Any
-    best: Any
-    best_value: Any
+from .backends import Partials
 
 
 #: Columns of a packed record: the :class:`Partials` fields, then ``weight`` (the sum of

@@ -33,9 +33,8 @@ repeats them):
 import numpy as np
 
 from ._dtypes import loss_dtype, round_to
-from ._partials import Partials
 from ._score import Score
-from .backends import FUNCTIONS
+from .backends import FUNCTIONS, Partials
 
 __all__ = [*FUNCTIONS, "Score"]
 

@@ -57,7 +57,7 @@ or equal ``ignore_index``; a label outside the block is not read); ``class_weigh
 is None or the full float64 ``(C,)`` vector, read at ``offset + c``::
 
     softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments)
-        -> fastxent._partials.Partials of (N,) arrays
+        -> Partials of (N,) arrays
     softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap,
                        shift, log_sum, p_coef, target_coef, weight_coef) -> grad (N, Cb)
 
@@ -74,6 +74,46 @@ dt/dx`` with ``p_ic = exp((t_ic - shift_i) - log_sum_i)`` and the per-row float6
 lower clip bound and the upper bound is ``1 - epsilon`` rounded to the probs'
 dtype (the backend rounds it).
 """
+
+from typing import Any, NamedTuple
+
+
+class Partials(NamedTuple):
+    """Per-row partial statistics of one block of classes (``softmax_partials``'s result).
+
+    Float fields are in the loss dtype, ``best`` int64; each of shape ``(N,)``.
+
+    Attributes
+    ----------
+    peak : array
+        ``m``, the block's largest (soft-capped) score; ``-inf`` for an all ``-inf`` block
+        (any value where ``total`` is NaN: the merge makes that row NaN whatever it is).
+    total : array
+        ``s = sum_c exp(t_c - m)``; 0 for an all ``-inf`` block, NaN when the block
+        holds NaN or ``+inf``.
+    target : array
+        ``t_y`` when the row's label lies in the block and is not ``ignore_index``, else 0.
+    anchor : array
+        The finite shift of ``gap`` (any finite value the backend chose; 0 without smoothing).
+    gap : array
+        ``sum_c w_c (anchor - t_c)`` (a zero weight adds 0); 0 without label smoothing.
+    spread : array or None
+        ``score`` only: ``u = sum_c exp(x_c - m) (x_c - m)``, the entropy term.
+    best : array or None
+        ``score`` only: the first class id (in the whole row) of the block's max.
+    best_value : array or None
+        ``score`` only: the score at ``best`` (NaN when the block holds a NaN), which
+        decides between blocks.
+    """
+
+    peak: Any
+    total: Any
+    target: Any
+    anchor: Any
+    gap: Any
+    spread: Any
+    best: Any
+    best_value: Any
 
 
 class BadLabels(Exception):

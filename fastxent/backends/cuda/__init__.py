@@ -28,9 +28,8 @@ traffic; the logits are lost.
 import numpy as np
 
 from ... import _config
-from ..._partials import Partials
 from ..._score import Score
-from .. import FUNCTIONS
+from .. import FUNCTIONS, Partials
 from . import _args as a
 from . import _build, _plans
 from ._build import acc_dtype_name, get_kernel, instantiations, kernel_source, name_expression, precompile

@@ -27,9 +27,8 @@ and the gradient are pruned at compile time when ``None``.
 import numpy as np
 
 from ... import _config, _dtypes
-from ..._partials import Partials
 from ..._score import Score
-from .. import FUNCTIONS
+from .. import FUNCTIONS, Partials
 from . import _elementwise, _moments, _partials, _probs, _softmax
 
 __all__ = list(FUNCTIONS)

@@ -3,7 +3,7 @@ and the gradient of a block from the row's merged log-normaliser.
 
 A vocabulary split (``fastxent.dask`` with the class axis in several chunks) never
 holds a whole row: each block ``[offset, offset + Cb)`` of a row reduces to a few
-numbers (:class:`fastxent._partials.Partials`), the blocks' numbers merge with the
+numbers (:class:`fastxent.backends.Partials`), the blocks' numbers merge with the
 log-sum-exp combine (``fastxent/_partials.py``), and a second pass over each block
 writes its share of the gradient. The row machinery is ``_rows``'s and
 ``_moments``'s: :func:`~._rows.row_sum_exp` (the chunked online max and sum of
