@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastxent as fx
-from fastxent import _peers
+from fastxent.cli.bench import cases, peers
 
 SHAPES = {
     "sparse_fwd": [(4096, 32000), (65536, 1000), (1_000_000, 10)],
@@ -31,7 +31,7 @@ CASES = [(op, shape) for op, shapes in SHAPES.items() for shape in shapes]
 CASE_IDS = [f"{op}-{n}x{c}" for op, (n, c) in CASES]
 
 #: Entries measured beside fastxent: the one-read yardstick, the float64
-#: reference (fastxent's numpy backend) and the peers of ``fastxent._peers``.
+#: reference (fastxent's numpy backend) and the peers of ``fastxent.cli.bench.peers``.
 ENTRIES = ["fastxent", "read", "reference", "numpy", "torch"]
 
 _DATA = {}
@@ -47,7 +47,7 @@ def _data(op, shape):
     if key not in _DATA:
         _DATA.clear()  # one case's arrays at a time: 4096x32000 float32 is 524 MB
         logits = np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 3
-        _DATA[key] = (logits, _peers.make_labels(op, shape))
+        _DATA[key] = (logits, cases.make_labels(op, shape))
     return _DATA[key]
 
 
@@ -68,17 +68,17 @@ def bench_cpu(benchmark, op, shape, entry):
     benchmark.group = f"{op}|{shape[0]}x{shape[1]}|float32"
     logits, labels = _data(op, shape)
     if entry == "fastxent":
-        call = _peers.fastxent_call(op, logits, labels)
+        call = peers.fastxent_call(op, logits, labels)
     elif entry == "reference":
         if not benchmark.disabled and logits.size > 50_000_000:
             pytest.skip("the float64 reference needs 8 bytes/element; measured on the smaller shapes")
-        call = _peers.fastxent_call(op, logits, labels, backend="numpy")
+        call = peers.fastxent_call(op, logits, labels, backend="numpy")
     elif entry == "read":
-        call = _peers.read_yardstick(logits)
+        call = peers.read_yardstick(logits)
     else:
-        if entry not in _peers.installed_peers(op):
+        if entry not in peers.installed_peers(op):
             pytest.skip(f"{entry} has no {op} here (not installed or no such peer)")
-        call = _peers.peer_call(op, entry, logits, labels)
+        call = peers.peer_call(op, entry, logits, labels)
     result = benchmark(call)
     if entry != "read":
         np.testing.assert_allclose(_first(result), _expected(op, shape), rtol=2e-4, atol=2e-4,
@@ -90,5 +90,5 @@ def _expected(op, shape):
     key = ("expected", op, shape)
     if key not in _DATA:
         logits, labels = _data(op, shape)
-        _DATA[key] = _first(_peers.fastxent_call(op, logits, labels, backend="numpy")())
+        _DATA[key] = _first(peers.fastxent_call(op, logits, labels, backend="numpy")())
     return _DATA[key]
