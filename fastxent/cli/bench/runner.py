@@ -228,7 +228,7 @@ def _measure_plan(plan, repeat, skipped, progress, log):
                 data = CaseData(case.shape, case.dtype)
             for entry in entries:
                 if bar:
-                    bar.update(f"{case.op} {case.shape_text} {case.dtype} {entry.name}")
+                    bar.update(text=f"{case.op} {case.shape_text} {case.dtype} {entry.name}")
                 row = _measure(case, entry, data, repeat, skipped)
                 if row is not None:
                     rows.append(row)
