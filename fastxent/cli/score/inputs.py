@@ -113,28 +113,6 @@ def _check_labels(path, labels):
                        f"{_describe_dtype(dtype)}")
 
 
-def _output_kind(path, fields, reduction):
-    if path is None:
-        if reduction == "none":
-            raise CommandError("-o OUT is needed with --reduction none (the per-row results go there)")
-        return None
-    lower = path.lower()
-    if lower.endswith(".npz"):
-        kind = "npz"
-    elif lower.endswith(".npy"):
-        kind = "npy"
-        if len(fields) > 1:
-            raise CommandError(f"-o {path}: several fields ({', '.join(fields)}) go to an .npz file")
-    else:
-        raise CommandError(f"-o {path}: the output must end with .npy (one field) or .npz")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise CommandError(f"-o {path}: the folder {folder} does not exist")
-    if os.path.isdir(path):
-        raise CommandError(f"-o {path}: is a directory")
-    return kind
-
-
 def check_shapes(logits, labels, axis, logits_path, labels_path):
     """The class axis (``0 <= ax < logits.ndim``, not the streamed first axis) once the shapes agree."""
     if logits.ndim < 2:
