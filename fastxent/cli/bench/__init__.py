@@ -67,8 +67,8 @@ def command(args):
         cases, unusable = usable_cases(cases, strict=args.dtypes is not None)
     except BenchError as exc:
         raise CommandError(str(exc)) from None
-    backends = _backends(args.backend)
-    peers = _peers(args.peers)
+    backends = _chosen_backends(args.backend)
+    peers = _chosen_peers(args.peers)
     repeat = args.repeat or (QUICK_REPEAT if args.quick else None)
 
     info = report.machine()  # before the run: its load average says how busy the machine was
@@ -109,7 +109,7 @@ def _check_outputs(args):
                 raise CommandError(f"{option} {path}: the folder {folder} does not exist")
 
 
-def _backends(text):
+def _chosen_backends(text):
     """The fastxent backends of ``--backend`` (default: every available one)."""
     import fastxent
 
@@ -123,7 +123,7 @@ def _backends(text):
     return backends
 
 
-def _peers(text):
+def _chosen_peers(text):
     """The peers of ``--peers``: None (every installed one), or the names to keep."""
     from .peers import GPU_PEERS, PEERS
 

@@ -10,7 +10,7 @@ in a benchmark of a minute or two).
 
 import numpy as np
 
-from ..._score import Score
+from ... import Score
 from .cases import as_float64
 from .peers import to_host
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ... import _dispatch, _dtypes
-from ..._score import Score
+from ... import Score
 from ..common import CommandError
 from .files import Output, Pages
 from .inputs import check_shapes, first_bad_label, open_inputs
