@@ -154,6 +154,17 @@ def test_no_command_prints_help_and_version():
     assert status == 0 and out.strip() == f"fastxent {fx.__version__}"
 
 
+def test_every_package_ships():
+    """pyproject.toml lists its packages by hand: every folder of fastxent/ with an
+    __init__.py (the command line is a package of packages) must be among them."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:
+        listed = set(tomllib.load(handle)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(folder, REPO).replace(os.sep, ".")
+             for folder, _, files in os.walk(os.path.join(REPO, "fastxent")) if "__init__.py" in files}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"
+
+
 # ----------------------------------------------------------------------------
 # fastxent score: results equal the library call
 # ----------------------------------------------------------------------------
