@@ -22,10 +22,11 @@ class Pages:
 
     ``np.memmap`` maps the file from ``offset`` rounded down to the allocation
     granularity, so array byte ``j`` sits at ``offset % granularity + j`` in
-    the mapping; ``release(upto)`` drops every whole page before array byte
-    ``upto``. For a read-only map the pages stay in the page cache; for an
-    output (shared, writable) map the kernel moves their dirty state to the
-    page cache and writes them back as usual. A no-op where ``madvise`` is
+    the mapping; ``release_rows(rows)`` drops every whole page before the
+    first byte of row ``rows`` of the first axis. For a read-only map the pages
+    stay in the page cache; for an output (shared, writable) map the kernel
+    moves their dirty state to the page cache and writes them back as usual.
+    A no-op for an array that is not memory-mapped, and where ``madvise`` is
     missing (not Linux/macOS).
     """
 
@@ -35,6 +36,7 @@ class Pages:
             self.map = None
             return
         self.start = int(getattr(array, "offset", 0)) % mmap.ALLOCATIONGRANULARITY
+        self.row_bytes = array.strides[0] if array.ndim else 0
         self.released = 0
         if sequential and hasattr(mmap, "MADV_SEQUENTIAL"):
             try:
@@ -42,10 +44,11 @@ class Pages:
             except OSError:
                 pass
 
-    def release(self, upto):
+    def release_rows(self, rows):
+        """Drop the pages of the first ``rows`` rows of the first axis."""
         if self.map is None:
             return
-        end = (self.start + upto) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = (self.start + rows * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
         if end > self.released:
             self.map.madvise(mmap.MADV_DONTNEED, self.released, end - self.released)
             self.released = end

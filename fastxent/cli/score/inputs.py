@@ -141,11 +141,10 @@ def check_shapes(logits, labels, axis, logits_path, labels_path):
 def first_bad_label(labels, num_classes, ignore_index, chunk_rows):
     """Scan the labels chunk by chunk for one outside ``[0, C)``; fastxent's message or None."""
     pages = Pages(labels, sequential=True)
-    row_bytes = labels.strides[0] if labels.ndim and labels.shape[0] else 0
     for start in range(0, labels.shape[0], chunk_rows):
         stop = min(labels.shape[0], start + chunk_rows)
         message = _validate.bad_label_message(labels[start:stop], num_classes, ignore_index)
-        pages.release(stop * row_bytes)
+        pages.release_rows(stop)
         if message is not None:
             # The library numbers rows within the chunk it was given: renumber in the file.
             return re.sub(r"^labels\[(\d+)", lambda m: f"labels[{int(m.group(1)) + start}", message)

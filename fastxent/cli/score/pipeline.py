@@ -267,12 +267,11 @@ def _stream(logits, labels, plan, compute, output, ignore_index, progress, logit
                     sums[name] += float(value.sum(dtype=np.float64))
             if writing:
                 for name in plan.names:
-                    array = output.arrays[name]
-                    array[start:stop] = values[name]
-                    output.pages[name].release(stop * array.strides[0] if array.ndim else 0)
+                    output.arrays[name][start:stop] = values[name]
+                    output.pages[name].release_rows(stop)
             del values, x
-            logits_pages.release(stop * logits.strides[0])
-            labels_pages.release(stop * labels.strides[0] if labels.ndim else 0)
+            logits_pages.release_rows(stop)
+            labels_pages.release_rows(stop)
             if bar:
                 bar.update((stop - start) * plan.per_row)
     finally:
