@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ... import _dispatch, _dtypes
+from ... import _dispatch, _dtypes, _reductions
 from ... import Score
 from ..common import CommandError
 from .files import Output, Pages
@@ -259,8 +259,8 @@ def _stream(logits, labels, plan, compute, output, ignore_index, progress, logit
                 values = compute(x, y)
             except (ValueError, TypeError) as exc:
                 raise CommandError(f"{logits_path}: rows {start}-{stop - 1}: {exc}") from None
+            counted += int(_reductions.mean_denominator(y.reshape(-1), ignore_index, None))
             kept = (y != ignore_index) if ignore_index is not None else None
-            counted += int(kept.sum()) if kept is not None else y.size
             for name in SUMMED_FIELDS:
                 if name in values:
                     value = values[name] if kept is None or name != "target_logprob" else values[name][kept]
