@@ -6,7 +6,7 @@ tolerance table (``tests/support.py``). Shapes cover every launch path: N = 0 an
 C = 2 and 3 (8 threads per row), 423 (a warp per row), 50257 (a block per row, odd C;
 the split-row path for the sparse loss, with fewer rows than SMs), 4 x 262144 (the
 split-row path); the tunables are also patched down so small inputs take each path
-(stumpy's habit). Adversarial rows (-inf masks, +-1e4, NaN,
+(stumpy's habit), grid-stride loops included. Adversarial rows (-inf masks, +-1e4, NaN,
 +inf, all -inf, ties), axis=1 on (N, C, d), non-contiguous and misaligned inputs, bad
 labels, host/device mixing, torch CUDA tensors through DLPack and the inplace mode.
 
@@ -217,6 +217,9 @@ PATHS = {
     "eight": {"WARP_MAX_CLASSES": 10**9, "GROUP8_MAX_CLASSES": 10**9},
     "split": {"SPLIT_MIN_CLASSES": 64, "SPLIT_MIN_CHUNK": 96, "SPLIT_CHUNK_ALIGN": 32},
     "tiny-blocks": {"WARP_MAX_CLASSES": 0, "ROW_BLOCK_MIN_THREADS": 32, "ROW_BLOCK_MAX_THREADS": 64},
+    # grid-stride loops: one block (of one warp for the group kernels) takes every row,
+    # so a block's shared buffer and a group's lanes serve several rows in turn
+    "stride": {"MAX_GRID": 1, "GROUP_BLOCK_THREADS": 32},
 }
 
 
