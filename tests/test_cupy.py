@@ -131,20 +131,21 @@ def to_host(value):
     return value
 
 
-def compare(got, expected, dtype, what, atol_scale=1.0):
-    """Loss ("value" tolerance) and grad ("stored") against the reference, with dtypes."""
+def compare(got, expected, dtype, what, atol_scale=1.0, grad_atol_scale=None):
+    """Loss ("value" tolerance) and grad ("stored") against the reference, with dtypes;
+    the grad's atol scales by ``grad_atol_scale`` when given, else by ``atol_scale``."""
     got = to_host(got)
 
-    def check(actual, wanted, kind, name):
+    def check(actual, wanted, kind, name, scale):
         assert_same_dtype(actual, wanted, f"{what} {name}")
         rtol, atol = tolerance(dtype, kind)
-        assert_close(actual, wanted, dtype, kind, f"{what} {name}", tol=(rtol, atol * np.asarray(atol_scale)))
+        assert_close(actual, wanted, dtype, kind, f"{what} {name}", tol=(rtol, atol * np.asarray(scale)))
 
     if isinstance(expected, tuple):
-        check(got[0], expected[0], "value", "loss")
-        check(got[1], expected[1], "stored", "grad")
+        check(got[0], expected[0], "value", "loss", atol_scale)
+        check(got[1], expected[1], "stored", "grad", atol_scale if grad_atol_scale is None else grad_atol_scale)
     else:
-        check(got, expected, "value", "")
+        check(got, expected, "value", "", atol_scale)
 
 
 def row_scale(logits, axis=-1):
@@ -273,6 +274,22 @@ SOFT_OPTIONS = {"plain": {}, "smoothing": {"label_smoothing": 0.15}, "softcap": 
                 "both": {"label_smoothing": 0.05, "softcap": 8.0}}
 
 
+def soft_terms(logits, labels, label_smoothing=0.0, softcap=None):
+    """|p_c t| + |y_c| per element (at least 1), t = sum_c y_c: the size of the terms the
+    soft gradient p_c t - y_c subtracts. Multi-hot (bool) labels sum to t ~ C/2, and where
+    p_c t ~ y_c ~ 1 the float32 gradient keeps the few ulp of |z| that log p_c carries:
+    up to 2.2e-6 at C = 50257, softcap 8 (atol 2e-6), in the fused kernel as in any
+    float32 evaluation. The grad's atol scales with these terms, not with the result."""
+    x = np.asarray(logits, dtype=np.float64)
+    z = softcap * np.tanh(x / softcap) if softcap else x
+    y = np.asarray(labels, dtype=np.float64)
+    y = (1 - label_smoothing) * y + label_smoothing / max(y.shape[-1], 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(z - ref.logsumexp(z)[..., None]) if z.size else z
+    terms = np.abs(p * y.sum(axis=-1, keepdims=True)) + np.abs(y)
+    return np.maximum(np.nan_to_num(terms, nan=1.0, posinf=1.0), 1.0)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("option", list(SOFT_OPTIONS))
@@ -285,10 +302,11 @@ def test_soft_matches_reference(dtype, shape, option, label_dtype):
         labels = make_distribution(shape, dtype=dtype if label_dtype == "same" else np.dtype(label_dtype))
     options = SOFT_OPTIONS[option]
     d_logits, d_labels = dev(logits), dev(labels)
+    terms = soft_terms(logits, labels, **options)
     for reduction in ("none", "mean"):
         expected = ref.softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True, **options)
         got = fx.softmax_cross_entropy(d_logits, d_labels, reduction=reduction, return_grad=True, **options)
-        compare(got, expected, dtype, f"soft {option} {label_dtype} {reduction}")
+        compare(got, expected, dtype, f"soft {option} {label_dtype} {reduction}", grad_atol_scale=terms)
         forward = fx.softmax_cross_entropy(d_logits, d_labels, reduction=reduction, **options)
         compare(forward, expected[0], dtype, f"soft {option} {label_dtype} {reduction} forward-only")
 
