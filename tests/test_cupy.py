@@ -461,8 +461,8 @@ def test_misaligned_rows_take_the_scalar_path_and_inplace_head():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(7, 3), (9, 423), (3, VOCAB), (4, HUGE)],
-                         ids=["7x3", "9x423", f"3x{VOCAB}", "split"])
+@pytest.mark.parametrize("shape", [(7, 3), (9, 423), (3, 3001), (3, VOCAB), (4, HUGE)],
+                         ids=["7x3", "9x423", "3x3001", f"3x{VOCAB}", "split"])
 def test_inplace_gradient(dtype, shape):
     logits = make_logits(shape, dtype, seed=16)
     labels = make_class_ids(shape[:1], shape[1], seed=17)
@@ -668,6 +668,33 @@ def test_sigmoid_matches_reference(dtype, shape, pos_weight, label_dtype):
     got = to_host(fx.sigmoid_cross_entropy_hessian_diag(dev(x), dev(z), pos_weight=q))
     assert_same_dtype(got, expected, "hessian diag")
     assert_close(got, expected, dtype, "stored", f"hessian diag {pos_weight}")
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+def test_elementwise_grid_stride(monkeypatch, dtype):
+    """A grid of one 32-thread block per SM: each thread takes several tiles of packs, and
+    a misaligned view (vec_ok = 0) several scalars, in every elementwise kernel."""
+    monkeypatch.setattr(cupy_cuda, "ELEMENTWISE_BLOCK_THREADS", 32)
+    monkeypatch.setattr(cupy_cuda, "ELEMENTWISE_BLOCKS_PER_SM", 1)
+    rng = np.random.default_rng(42)
+    x = make_logits((37, 257), dtype, seed=43)
+    z = rng.random(x.shape)
+    p = rng.random(x.shape).astype(dtype)
+    q = pos_weights("per-class", x.shape)
+    for what, start in (("aligned", 0), ("misaligned", 1)):  # a device view one element in
+        def both(host):
+            return host.reshape(-1)[start:], dev(host.reshape(-1))[start:]
+
+        (xs, d_xs), (ps, d_ps), (zs, d_zs) = both(x), both(p), both(z.astype(np.float32))
+        for labels, d_labels in ((zs, d_zs), both(z > 0.5)):
+            expected = ref.sigmoid_cross_entropy(xs, labels, return_grad=True, label_smoothing=0.1)
+            got = fx.sigmoid_cross_entropy(d_xs, d_labels, return_grad=True, label_smoothing=0.1)
+            compare(got, expected, dtype, f"grid-stride sigmoid {what} {labels.dtype}")
+        expected = ref.binary_cross_entropy(ps, zs, return_grad=True)
+        compare(fx.binary_cross_entropy(d_ps, d_zs, return_grad=True), expected, dtype, f"grid-stride binary {what}")
+    expected = ref.sigmoid_cross_entropy_hessian_diag(x, z.astype(np.float32), pos_weight=q)
+    got = to_host(fx.sigmoid_cross_entropy_hessian_diag(dev(x), dev(z.astype(np.float32)), pos_weight=q))
+    assert_close(got, expected, dtype, "stored", "grid-stride hessian diag")
 
 
 def test_sigmoid_non_finite_scores_follow_ieee():
