@@ -71,9 +71,10 @@ def _bfloat16_reason():
 BF16_REASON = _bfloat16_reason()
 
 # A shape is here for the launch path it takes. The emulated device (16 SMs,
-# tests/emu/fake_cupy.py) runs a few million thread-elements a second, so there the large
-# shapes shrink about twelvefold and the split-row threshold with them: few rows of VOCAB
-# classes take the split path on both devices, and PATHS' shapes (C < 4096) never do.
+# tests/emu/fake_cupy.py) runs about a million scores a second through a fused kernel
+# (3 x 50257: 0.14 s), so there the large shapes shrink about twelvefold and the split-row
+# threshold with them: few rows of VOCAB classes take the split path on both devices,
+# and PATHS' shapes (C < 4096) never do.
 #: Classes of a large vocabulary row: GPT-2's 50257 (odd) on a GPU, 4099 (odd) emulated.
 VOCAB = 4099 if EMULATED else 50257
 #: Classes of the split-row cases: 2**18 on a GPU, 2**14 emulated.
