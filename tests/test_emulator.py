@@ -5,8 +5,10 @@ Small CUDA kernels written here pin down what the emulator promises (shuffle wid
 sections, barriers, seeded block and thread orders, the float16 conversions the PTX
 rewrite stands for) and that each misuse becomes a ``KernelFault`` naming the kernel,
 block, thread and the seed, not a crash or a silent result. The mutation tests apply
-three classic kernel bugs to a copy of ``kernels/`` and check that the emulated CUDA
-suite's checks catch each one, and pass on the unmutated copy.
+classic kernel bugs to a copy of ``kernels/`` (an off-by-one row loop, a missing barrier
+before a shared buffer is reused, a wrong shuffle lane, and a missing barrier before an
+inplace store) and check that the emulated suite's checks catch each one, and pass on
+the unmutated copy.
 """
 
 import shutil
@@ -288,7 +290,27 @@ def check_sparse_rows(monkeypatch, shape, tunables):
                  f"{shape} log_softmax")
 
 
-#: name: (file in kernels/, text, mutated text, (shape, tunables) of the cases that must fail)
+def check_inplace_rows(monkeypatch, shape, tunables):
+    """The sparse loss with the gradient written over the logits (inplace), under four
+    seeds: a missing ordering of global memory within a block shows only in some
+    schedules."""
+    from fastxent import reference as ref
+
+    for name, value in tunables.items():
+        monkeypatch.setattr(cupy_cuda, name, value)
+    logits = make_logits(shape, np.float32, seed=5)
+    labels = make_class_ids(shape[:1], shape[1], seed=6)
+    expected = ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
+    for seed in range(4):
+        monkeypatch.setattr(device, "SEED", seed)
+        loss, grad = cupy_cuda.sparse_softmax_cross_entropy(
+            emu.fake_cupy.asarray(logits), emu.fake_cupy.asarray(labels), None, None, 0.0, 0.0, None, 1.0,
+            inplace=True)
+        assert_close(loss.get(), expected[0], np.float32, "value", f"{shape} inplace loss, seed {seed}")
+        assert_close(grad.get(), expected[1], np.float32, "stored", f"{shape} inplace grad, seed {seed}")
+
+
+#: name: (file in kernels/, text, mutated text, check, (shape, tunables) of the cases that must fail)
 MUTATIONS = {
     "row loop off by one": (
         "softmax_rows.cu",
@@ -296,19 +318,26 @@ MUTATIONS = {
         "        T* gr = grad != nullptr",
         "for (i64 row = g.first_row; row <= N; row += g.row_stride) {\n        const T* xr = x + row * C;\n"
         "        T* gr = grad != nullptr",
-        [((37, 3), {})],
+        check_sparse_rows, [((37, 3), {})],
     ),
     "no barrier before the shared buffer is reused": (
         "fx_common.cuh",
         "    const int warps = (int)(blockDim.x >> 5);\n    __syncthreads();\n",
         "    const int warps = (int)(blockDim.x >> 5);\n",
-        [((3, 301), {"WARP_MAX_CLASSES": 0, "MAX_GRID": 1})],
+        check_sparse_rows, [((3, 301), {"WARP_MAX_CLASSES": 0, "MAX_GRID": 1})],
     ),
     "wrong shuffle lane": (
         "fx_common.cuh",
         "v = S::merge(v, shfl_xor_struct(v, offset, mask, G));",
         "v = S::merge(v, shfl_xor_struct(v, offset << 1, mask, G));",
-        [((37, 3), {}), ((6, 423), {})],
+        check_sparse_rows, [((37, 3), {}), ((6, 423), {})],
+    ),
+    # not one of the issue's three: the shuffled schedule, not a check, has to catch it
+    "no barrier before the inplace gradient overwrites the label's score": (
+        "softmax_rows.cu",
+        "            g.sync();  // inplace: x[row, y] is read by every thread before any gradient store\n",
+        "",
+        check_inplace_rows, [((16, 423), {}), ((4, 3001), {})],
     ),
 }
 
@@ -336,18 +365,18 @@ def kernels_copy(tmp_path, monkeypatch):
 
 
 def test_unmutated_kernels_pass_the_mutation_checks(kernels_copy, monkeypatch):
-    for _, _, _, cases in MUTATIONS.values():
+    for _, _, _, check, cases in MUTATIONS.values():
         for shape, tunables in cases:
             with monkeypatch.context() as patch:
-                check_sparse_rows(patch, shape, tunables)
+                check(patch, shape, tunables)
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_the_emulated_suite_fails_on_a_mutated_kernel(kernels_copy, monkeypatch, mutation):
-    filename, text, mutated, cases = MUTATIONS[mutation]
+    filename, text, mutated, check, cases = MUTATIONS[mutation]
     kernels_copy(filename, text, mutated)
     for shape, tunables in cases:
         with monkeypatch.context() as patch, pytest.raises((device.KernelFault, pytest.fail.Exception,
                                                             AssertionError)) as failure:
-            check_sparse_rows(patch, shape, tunables)
+            check(patch, shape, tunables)
         print(f"{mutation} {shape}: {type(failure.value).__name__}: {str(failure.value)[:300]}")
