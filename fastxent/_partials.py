@@ -24,7 +24,7 @@ the xy convention) and the backends' row kernels.
 
 import numpy as np
 
-from . import _dtypes
+from . import _dispatch, _dtypes
 from ._score import Score
 from .backends import Partials
 
@@ -37,12 +37,8 @@ _COLUMN = {name: k for k, name in enumerate(RECORD)}
 
 
 def array_module(array):
-    """numpy, or CuPy for a CuPy array (the one place this module asks)."""
-    if type(array).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
-    return np
+    """numpy, or CuPy for a CUDA array (``fastxent._dispatch`` decides where data lives)."""
+    return _dispatch.array_module(_dispatch.is_cuda_array(array))
 
 
 def column(records, name):

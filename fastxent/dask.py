@@ -196,6 +196,24 @@ def _index(array):
     return tuple(range(array.ndim))
 
 
+def _single(value):
+    """A block of an axis that is contracted but in one chunk: ``da.blockwise`` hands it over as
+    a list of one block (``concatenate=True`` would copy it into a new array: a second copy of
+    every block of logits)."""
+    while isinstance(value, list):
+        (value,) = value
+    return value
+
+
+def _per_block(function):
+    """A block function whose arguments may come as one-block lists (:func:`_single`)."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        return function(*(_single(value) for value in args), **kwargs)
+
+    return run
+
+
 def _arg(value):
     """``(value, index)`` for ``da.blockwise``: a 0-d dask array or a constant."""
     return (value, ()) if isinstance(value, da.Array) else (value, None)
@@ -260,6 +278,7 @@ def _grad_scale(grad_output, loss_shape, reduction, denominator):
 # Class axis in one chunk: one in-memory call per block
 # ----------------------------------------------------------------------------
 
+@_per_block
 def _block_call(logits, labels, grad_output, denominator, *, fn, options, reduction, return_grad, backend):
     """The in-memory ``fn`` on one block: the unreduced loss, or ``(loss, grad)``."""
     function = getattr(losses, fn)
@@ -284,9 +303,9 @@ def _in_blocks(call, fn, options, denominator):
     arguments = (call.logits, index, call.labels, labels_index, grad_output, grad_index, *_arg(denominator))
     keywords = {"fn": fn, "options": options, "reduction": call.reduction, "backend": call.backend}
     if not call.return_grad:
-        return da.blockwise(_block_call, loss_index, *arguments, concatenate=True, dtype=call.loss_dtype,
+        return da.blockwise(_block_call, loss_index, *arguments, dtype=call.loss_dtype,
                             meta=call.meta(len(loss_index), call.loss_dtype), return_grad=False, **keywords), None
-    pairs = da.blockwise(_block_call, loss_index, *arguments, concatenate=True, dtype=object,
+    pairs = da.blockwise(_block_call, loss_index, *arguments, dtype=object,
                          meta=np.empty((0,) * len(loss_index), dtype=object), return_grad=True, **keywords)
     loss = da.blockwise(operator.itemgetter(0), loss_index, pairs, loss_index, dtype=call.loss_dtype,
                         meta=call.meta(len(loss_index), call.loss_dtype))
@@ -315,9 +334,22 @@ def _keep(records, axis, keepdims):
     return records
 
 
+def _flat(blocks):
+    if isinstance(blocks, list):
+        for block in blocks:
+            yield from _flat(block)
+    else:
+        yield blocks
+
+
 def _merge_step(records, axis, keepdims):
-    merged = _partials.merge(records, axis=axis[0])
-    return _partials.array_module(merged).expand_dims(merged, axis[0]) if keepdims else merged
+    """One step of the tree: the records of a few neighbouring blocks (a nested list, in block
+    order) merged into one record per row. Concatenated here, on the blocks' own device
+    (``xp.concatenate``)."""
+    blocks = list(_flat(records))
+    xp = _partials.array_module(blocks[0])
+    merged = _partials.merge(xp.concatenate(blocks, axis=axis[0]) if len(blocks) > 1 else blocks[0], axis=axis[0])
+    return xp.expand_dims(merged, axis[0]) if keepdims else merged
 
 
 def _merged(call, kind, options):
@@ -331,7 +363,7 @@ def _merged(call, kind, options):
                            new_axes={len(index): _FIELDS}, adjust_chunks={classes: 1}, dtype=np.float64,
                            meta=call.meta(len(index) + 1, np.float64), kind=kind, options=options,
                            backend=call.backend)
-    return da.reduction(records, _keep, _merge_step, combine=_merge_step, axis=classes, concatenate=True,
+    return da.reduction(records, _keep, _merge_step, combine=_merge_step, axis=classes, concatenate=False,
                         dtype=np.float64, meta=call.meta(len(index), np.float64))
 
 
@@ -341,10 +373,12 @@ def _rows_args(call, merged):
     return merged, index + (len(index) + 1,)
 
 
+@_per_block
 def _sparse_loss_block(merged, labels, options, loss_dtype):
     return _partials.sparse_loss(merged, labels, loss_dtype=loss_dtype, **options)
 
 
+@_per_block
 def _sparse_grad_block(block, labels, columns, merged, grad_output, denominator, *, options, reduction, backend):
     scale = _grad_scale(grad_output, labels.shape, reduction, denominator)
     if scale is None:
@@ -360,7 +394,7 @@ def _sparse_split(call, options, z_loss):
     row_options = {"ignore_index": options["ignore_index"], "class_weight": options["class_weight"],
                    "label_smoothing": options["label_smoothing"], "z_loss": z_loss, "num_classes": call.num_classes}
     loss = da.blockwise(_sparse_loss_block, index[:-1], *_rows_args(call, merged), call.labels, index[:-1],
-                        concatenate=True, dtype=call.loss_dtype, meta=call.meta(len(index) - 1, call.loss_dtype),
+                        dtype=call.loss_dtype, meta=call.meta(len(index) - 1, call.loss_dtype),
                         options=row_options, loss_dtype=call.loss_dtype)
     return loss, merged
 
@@ -372,8 +406,7 @@ def _sparse_split_grad(call, merged, options, z_loss, denominator):
     grad_index = None if not isinstance(grad_output, da.Array) else (() if grad_output.ndim == 0 else index[:-1])
     grad_options = dict(options, z_loss=z_loss, num_classes=call.num_classes)
     return da.blockwise(_sparse_grad_block, index, call.logits, index, call.labels, index[:-1], columns, index[-1:],
-                        *_rows_args(call, merged), grad_output, grad_index, *_arg(denominator), concatenate=True,
-                        dtype=call.logits.dtype, meta=call.meta(len(index), call.logits.dtype), options=grad_options,
+                        *_rows_args(call, merged), grad_output, grad_index, *_arg(denominator), dtype=call.logits.dtype, meta=call.meta(len(index), call.logits.dtype), options=grad_options,
                         reduction=call.reduction, backend=call.backend)
 
 
@@ -515,14 +548,17 @@ def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.
     return _reduce(call, loss, denominator), grad
 
 
+@_per_block
 def _building_block_call(x, *, fn, backend):
     return getattr(losses, fn)(x, axis=-1, backend=backend)
 
 
+@_per_block
 def _lse_block(merged, loss_dtype):
     return _partials.logsumexp(merged, loss_dtype)
 
 
+@_per_block
 def _log_probs_block(block, merged, *, exponentiate):
     shift, log_sum = _partials.normaliser(merged)
     return _partials.log_probs(block, shift, log_sum, block.dtype, exponentiate=exponentiate)
@@ -535,16 +571,16 @@ def _building_block(fn, x, axis, backend):
     out_dtype = call.loss_dtype if fn == "logsumexp" else call.logits.dtype
     meta = call.meta(len(out_index), out_dtype)
     if not call.split:
-        out = da.blockwise(_building_block_call, out_index, call.logits, index, concatenate=True, dtype=out_dtype,
+        out = da.blockwise(_building_block_call, out_index, call.logits, index, dtype=out_dtype,
                            meta=meta, fn=fn, backend=call.backend)
     else:
         merged = _merged(call, "lse", {})
         if fn == "logsumexp":
-            out = da.blockwise(_lse_block, out_index, *_rows_args(call, merged), concatenate=True, dtype=out_dtype,
+            out = da.blockwise(_lse_block, out_index, *_rows_args(call, merged), dtype=out_dtype,
                                meta=meta, loss_dtype=out_dtype)
         else:
             out = da.blockwise(_log_probs_block, index, call.logits, index, *_rows_args(call, merged),
-                               concatenate=True, dtype=out_dtype, meta=meta, exponentiate=fn == "softmax")
+                               dtype=out_dtype, meta=meta, exponentiate=fn == "softmax")
     return out if fn == "logsumexp" else call.restore(out)
 
 
@@ -586,10 +622,12 @@ def logsumexp(x, *, axis=-1, backend=None):
     return _building_block("logsumexp", x, axis, backend)
 
 
+@_per_block
 def _score_block(logits, labels, *, ignore_index, backend):
     return losses.score(logits, labels, axis=-1, ignore_index=ignore_index, backend=backend)
 
 
+@_per_block
 def _score_split_block(merged, labels, *, ignore_index, loss_dtype):
     return _partials.score(merged, labels, ignore_index, loss_dtype)
 
@@ -613,12 +651,12 @@ def score(logits, labels, *, axis=-1, ignore_index=None, backend=None):
     if call.split:
         merged = _merged(call, "score", {"ignore_index": call.ignore_index})
         bundles = da.blockwise(_score_split_block, rows, *_rows_args(call, merged), call.labels, rows,
-                               concatenate=True, dtype=object, meta=np.empty((0,) * len(rows), object),
+                               dtype=object, meta=np.empty((0,) * len(rows), object),
                                ignore_index=call.ignore_index, loss_dtype=call.loss_dtype)
     else:
-        bundles = da.blockwise(_score_block, rows, call.logits, index, call.labels, rows, concatenate=True,
-                               dtype=object, meta=np.empty((0,) * len(rows), object),
-                               ignore_index=call.ignore_index, backend=call.backend)
+        bundles = da.blockwise(_score_block, rows, call.logits, index, call.labels, rows, dtype=object,
+                               meta=np.empty((0,) * len(rows), object), ignore_index=call.ignore_index,
+                               backend=call.backend)
     dtypes = {"argmax": np.int64, "correct": np.bool_}
     fields = []
     for k, name in enumerate(Score._fields):

@@ -7,28 +7,28 @@ classes, ignored rows, labels outside a block), on every launch path the row pla
 picks for the block's width; then the Dask layer with CuPy chunks under the threaded
 scheduler, both layouts.
 
-The whole module skips, with the reason, where CuPy or a CUDA device is missing (it runs
-on a GPU, or on the emulated device of tests/emu/).
+Where CuPy sees no GPU, the module runs on the emulated device of ``tests/emu`` (the
+kernels compiled for the host, every memory access checked); without a GPU and
+without g++, it skips with the reason.
 """
+
+import contextlib
+import types
 
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip(
-    "cupy", reason="CuPy is not installed (pip install 'fastxent[cuda12]' or '[cuda13]'); "
-                   "the CUDA backend tests need it")
+from tests import emu
 
-
-def _no_device_reason():
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # noqa: BLE001 -- no driver, or a driver too old for this CuPy
-        return f"CuPy sees no usable CUDA driver ({type(exc).__name__}: {exc})"
-    return None if count > 0 else "CuPy sees no CUDA device"
-
-
-if _no_device_reason() is not None:
-    pytest.skip(f"{_no_device_reason()}: the CUDA backend tests need a GPU", allow_module_level=True)
+#: No GPU here: CuPy is the stand-in of tests/emu and the kernels run on the emulated device.
+EMULATED = emu.real_device_reason() is not None
+if EMULATED:
+    if emu.unavailable_reason() is not None:
+        pytest.skip(f"{emu.real_device_reason()}, and the emulated device cannot run here either: "
+                    f"{emu.unavailable_reason()}", allow_module_level=True)
+    cupy = emu.fake_cupy.module
+else:
+    import cupy
 
 import dask  # noqa: E402
 import dask.array as da  # noqa: E402
@@ -37,6 +37,7 @@ import fastxent.dask as fxd  # noqa: E402
 from fastxent import _blocks, _partials  # noqa: E402
 from fastxent import reference as ref  # noqa: E402
 from fastxent.backends import cuda  # noqa: E402
+from fastxent.backends.cuda import _build, _plans  # noqa: E402
 from fastxent._dtypes import accumulation_dtype  # noqa: E402
 from tests.support import (  # noqa: E402
     BF16,
@@ -52,11 +53,25 @@ from tests.support import (  # noqa: E402
 )
 from tests.test_partials import SPLIT_IDS, SPLITS, _adversarial, _blocks_of  # noqa: E402
 
-pytestmark = pytest.mark.gpu
+pytestmark = pytest.mark.emulated if EMULATED else pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def device():
+    """The emulated device stands in for CuPy while this module runs (nothing to do on a GPU);
+    its compiled modules and device attributes are cached apart from a GPU's."""
+    caches = types.SimpleNamespace(_module=_build._module, device_info=_plans.device_info)
+    with emu.emulated_cupy(caches) if EMULATED else contextlib.nullcontext():
+        _build.precompile([e for f, e in _build.instantiations() if f == "partials_rows.cu"])
+        if EMULATED:
+            cupy.build_all()
+        yield
 
 
 def _host(value):
-    return None if value is None else cupy.asnumpy(value)
+    """A host copy (a dask result gathered from emulated blocks is already one: dask's final
+    concatenation makes numpy arrays of the stand-in's numpy-subclass blocks)."""
+    return None if value is None else value.get() if hasattr(value, "get") else np.asarray(value)
 
 
 def _device_dtypes():
@@ -132,14 +147,17 @@ def test_dask_on_cupy_chunks_matches_reference(classes):
     options = sparse_options("all", 423)
     x = make_logits((10, 423), np.float32, seed=21)
     labels = make_class_ids(10, 423, seed=22, ignore_index=-100, ignore_fraction=0.2)
-    logits = da.from_array(cupy.asarray(x), chunks=(4, classes))
-    device_labels = da.from_array(cupy.asarray(labels), chunks=4)
-    with dask.config.set(scheduler="threads"):
+    # asarray=False: the blocks stay device arrays (the emulated ones are numpy subclasses).
+    logits = da.from_array(cupy.asarray(x), chunks=(4, classes), asarray=False)
+    device_labels = da.from_array(cupy.asarray(labels), chunks=4, asarray=False)
+    # The emulated device builds kernels at their first launch, one build at a time: one thread there.
+    with dask.config.set(scheduler="sync" if EMULATED else "threads"):
         loss, grad = dask.compute(*fxd.sparse_softmax_cross_entropy(logits, device_labels, **options,
                                                                     reduction="mean", return_grad=True))
         fields = dask.compute(*fxd.score(logits, device_labels, ignore_index=-100))
         lse = fxd.logsumexp(logits).compute()
-    assert isinstance(grad, cupy.ndarray)
+    if not EMULATED:
+        assert isinstance(grad, cupy.ndarray)
     compare((_host(loss), _host(grad)), ref.sparse_softmax_cross_entropy(x, labels, **options, reduction="mean",
                                                                        return_grad=True), np.float32, "dask cupy")
     compare_score(type(ref.score(x, labels))(*map(_host, fields)), ref.score(x, labels, ignore_index=-100),
