@@ -1,10 +1,12 @@
-"""``fastxent score``: per-row scoring of ``.npy`` files larger than memory.
+"""``fastxent score``: per-row scoring of ``.npy`` files, ``.npy`` shards and Zarr arrays larger than memory.
 
 This module holds the subcommand's options and runs it; the parts, one job each:
 
-* :mod:`.inputs`: the input files opened and checked (the one place inputs are read);
+* :mod:`.inputs`: the inputs opened and checked (the one place inputs are read): a
+  ``.npy`` file, a Zarr array, ``.npy`` shards;
 * :mod:`.files`: memory pages released as chunks are used; the output written, then renamed;
-* :mod:`.pipeline`: :func:`score_file`, the steps: checks, chunk plan, streaming, reductions.
+* :mod:`.pipeline`: :func:`score_file`, the steps: checks, chunk plan, streaming (here, or on
+  a Dask cluster with ``--scheduler``), reductions.
 """
 
 import argparse
@@ -26,6 +28,20 @@ at a time, with
 and the pages of each chunk are released (madvise) once it is scored, so the
 peak resident memory is about the budget plus the interpreter, numpy, numba
 and the compiled kernels (~150-250 MB), whatever the size of the files.
+A Zarr input is read in whole stored chunks (CHUNK is rounded down to a
+multiple of them).
+
+inputs: a .npy file; a Zarr array (a directory with zarr.json or .zarray);
+.npy shards stacked along the first axis in sorted order: a quoted glob
+('logits-*.npy').
+
+--scheduler ADDRESS: the chunks are scored by the workers of the Dask cluster
+at ADDRESS (e.g. tcp://10.0.0.5:8786; start one with `dask scheduler` and
+`dask worker ADDRESS --nthreads 1 --memory-limit 2GB`), one task per chunk
+within MEMORY, the inputs read by the workers themselves (the paths must be
+visible to them); the results are written here. On a terminal, Dask's progress
+bar shows the tasks. The scheduler must answer within 10 s
+(FASTXENT_SCHEDULER_TIMEOUT=SECONDS to change it). Needs pip install 'fastxent[dask]'.
 
 fields (per row): loss, lse, target_logprob, entropy, argmax, correct
 (fastxent.score); loss alone calls fastxent.sparse_softmax_cross_entropy.
@@ -38,13 +54,14 @@ the scalars (float64) are printed, and written when -o is given.
 def add_parser(commands):
     """Add ``score`` and its options to the ``fastxent`` subcommands."""
     parser = commands.add_parser(
-        "score", help="score .npy files larger than memory, row by row",
-        description="Per-row scores of LOGITS.npy against integer LABELS.npy, streamed in chunks "
+        "score", help="score .npy files, .npy shards or Zarr arrays larger than memory, row by row",
+        description="Per-row scores of LOGITS against integer LABELS, streamed in chunks "
                     "under a memory budget. The result goes to a temporary file beside OUT, "
                     "renamed at the end: an interrupted run leaves no partial output.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logits", metavar="LOGITS.npy", help="float16/bfloat16/float32/float64 scores")
-    parser.add_argument("labels", metavar="LABELS.npy",
+    parser.add_argument("logits", metavar="LOGITS",
+                        help="float16/bfloat16/float32/float64 scores: .npy, Zarr array, or .npy shards")
+    parser.add_argument("labels", metavar="LABELS",
                         help="integer class ids, the logits' shape without the class axis")
     parser.add_argument("-o", "--output", metavar="OUT",
                         help="OUT.npy (one field) or OUT.npz (any); optional with --reduction sum|mean")
@@ -60,6 +77,8 @@ def add_parser(commands):
     parser.add_argument("--bfloat16", action="store_true",
                         help="read 2-byte logits (raw '|V2', uint16 or int16 items, as np.save writes "
                              "ml_dtypes.bfloat16) as bfloat16")
+    parser.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                        help="score on the Dask cluster whose scheduler is at ADDRESS; see below")
     parser.set_defaults(func=command)
 
 
@@ -74,7 +93,7 @@ def command(args):
             args.logits, args.labels, args.output,
             fields=args.fields, reduction=args.reduction, ignore_index=args.ignore_index,
             axis=args.axis, backend=args.backend, memory=args.memory, bfloat16=args.bfloat16,
-            progress=lambda total: Progress(total, unit="row"))
+            progress=lambda total: Progress(total, unit="row"), scheduler=args.scheduler)
     finally:
         signal.signal(signal.SIGTERM, previous)
     for line in summary["stdout"]:

@@ -27,10 +27,12 @@ class Pages:
     stay in the page cache; for an output (shared, writable) map the kernel
     moves their dirty state to the page cache and writes them back as usual.
     A no-op for an array that is not memory-mapped, and where ``madvise`` is
-    missing (not Linux/macOS).
+    missing (not Linux/macOS); an input that releases its own pages (``.npy``
+    shards, :class:`.inputs.Shards`) is asked to.
     """
 
     def __init__(self, array, sequential=False):
+        self.own = getattr(array, "release_rows", None)
         self.map = getattr(array, "_mmap", None)
         if self.map is None or not hasattr(self.map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             self.map = None
@@ -46,6 +48,9 @@ class Pages:
 
     def release_rows(self, rows):
         """Drop the pages of the first ``rows`` rows of the first axis."""
+        if self.own is not None:
+            self.own(rows)
+            return
         if self.map is None:
             return
         end = (self.start + rows * self.row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE

@@ -1,13 +1,21 @@
 """The inputs of ``fastxent score``: opened, checked, one line naming the file for each problem.
 
 :func:`open_inputs` is the one place the pipeline reads its inputs: it turns
-the paths into arrays with ``.shape``, ``.dtype`` and ``__getitem__`` (today
-read-only memory maps of ``.npy`` files), after checking that each file is
-whole and of a dtype fastxent scores. :func:`check_shapes` and
-:func:`first_bad_label` check the arrays against each other and the labels'
-range, before anything is written.
+the paths into arrays with ``.shape``, ``.dtype`` and ``__getitem__`` after
+checking that each file is whole and of a dtype fastxent scores. An input is
+
+* a ``.npy`` file (a read-only memory map);
+* a Zarr array (a directory holding ``zarr.json`` or ``.zarray``; needs ``zarr``);
+* a set of ``.npy`` shards, stacked along the first axis in sorted order: a glob
+  pattern (``'logits-*.npy'``, quoted; :class:`Shards`).
+
+:func:`check_shapes` and :func:`first_bad_label` check the arrays against each
+other and the labels' range, before anything is written. :func:`as_dask` turns
+an opened input into a dask array whose tasks open the files themselves (a
+cluster's workers read them where they lie, nothing is sent from the client).
 """
 
+import glob
 import os
 import re
 
@@ -19,13 +27,121 @@ from .files import Pages
 
 
 def open_inputs(logits_path, labels_path, *, bfloat16=False):
-    """``(logits, labels)``: the arrays of the two files, their dtypes checked.
+    """``(logits, labels)``: the arrays of the two inputs, their dtypes checked.
 
     ``bfloat16``: read 2-byte raw items of the logits as ``ml_dtypes.bfloat16``.
     """
-    logits = _check_logits(logits_path, open_npy(logits_path), bfloat16)
-    labels = _check_labels(labels_path, open_npy(labels_path))
+    logits = _check_logits(logits_path, open_array(logits_path), bfloat16)
+    labels = _check_labels(labels_path, open_array(labels_path))
     return logits, labels
+
+
+def open_array(path):
+    """The array at ``path``: a ``.npy`` file, a Zarr array, or ``.npy`` shards (a glob; module docstring)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in ("zarr.json", ".zarray")):
+        return open_zarr(path)
+    if os.path.isdir(path):
+        raise CommandError(f"{path}: is a directory, not a .npy file nor a Zarr array (no zarr.json or "
+                           f".zarray); for .npy shards pass a quoted glob: '{os.path.join(path, '*.npy')}'")
+    if glob.has_magic(path) and not os.path.exists(path):
+        return Shards(path, sorted(glob.glob(path)))
+    return open_npy(path)
+
+
+def open_zarr(path):
+    """A Zarr array, read-only (reads decode whole Zarr chunks: the plan lines its chunks up with them)."""
+    try:
+        import zarr
+    except ImportError:
+        raise CommandError(f"{path}: reading a Zarr array needs zarr: pip install 'fastxent[dask]'") from None
+    try:
+        return zarr.open_array(path, mode="r")
+    except Exception as exc:  # noqa: BLE001 -- any failure to open is bad input
+        raise CommandError(f"{path}: not a readable Zarr array ({type(exc).__name__}: {exc})") from None
+
+
+class Shards:
+    """``.npy`` files stacked along their first axis, in sorted order, as one read-only array.
+
+    Each file is memory-mapped (:func:`open_npy`); a slice of rows reads the shards it
+    spans (a copy when it spans two). ``release_rows`` drops the pages of the rows
+    consumed, shard by shard (:class:`.files.Pages`).
+    """
+
+    def __init__(self, pattern, paths):
+        if not paths:
+            raise CommandError(f"{pattern}: no .npy file matches")
+        self.pattern = pattern
+        self.paths = paths
+        self.parts = [open_npy(path) for path in paths]
+        first = self.parts[0]
+        for path, part in zip(paths, self.parts):
+            if part.ndim == 0 or part.shape[1:] != first.shape[1:] or part.dtype != first.dtype:
+                raise CommandError(
+                    f"{path}: a shard of {_describe_dtype(part.dtype)} {part.shape} among shards of "
+                    f"{_describe_dtype(first.dtype)} (rows,) + {first.shape[1:]} ({paths[0]})")
+        self.starts = np.cumsum([0] + [part.shape[0] for part in self.parts])
+        self.shape = (int(self.starts[-1]),) + first.shape[1:]
+        self.dtype = first.dtype
+        self.ndim = first.ndim
+        self.nbytes = sum(part.nbytes for part in self.parts)
+        self.pages = [Pages(part, sequential=True) for part in self.parts]
+
+    def view(self, dtype):
+        """The same shards read as ``dtype`` (bfloat16 from raw 2-byte items)."""
+        viewed = object.__new__(Shards)
+        viewed.__dict__.update(self.__dict__, dtype=np.dtype(dtype), parts=[p.view(dtype) for p in self.parts])
+        return viewed
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("Shards are read by slices of rows")
+        start, stop, _ = index.indices(self.shape[0])
+        pieces = []
+        for part, first in zip(self.parts, self.starts[:-1]):
+            lo, hi = max(start, first), min(stop, first + part.shape[0])
+            if lo < hi:
+                pieces.append(part[lo - first:hi - first])
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else np.empty((0,) + self.shape[1:], self.dtype)
+
+    def release_rows(self, rows):
+        """Drop the pages of the first ``rows`` rows (of every shard they cover)."""
+        for pages, part, first in zip(self.pages, self.parts, self.starts[:-1]):
+            pages.release_rows(min(max(0, rows - first), part.shape[0]))
+
+
+class NpyRows:
+    """A ``.npy`` file read by slices of rows, mapped where it is read: what a task of
+    :func:`as_dask` holds (pickled as the path and layout, never as the data)."""
+
+    def __init__(self, array):
+        self.path = array.filename
+        self.offset = array.offset
+        self.shape = array.shape
+        self.dtype = array.dtype
+        self.ndim = array.ndim
+
+    def __getitem__(self, index):
+        data = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        return np.array(data[index])
+
+
+def as_dask(array, chunk_rows):
+    """A dask array of an opened input, chunked by ``chunk_rows`` rows of the first axis
+    (the other axes whole), whose tasks read the files themselves."""
+    import dask.array as da
+
+    chunks = (chunk_rows,) + tuple(array.shape[1:])
+    if isinstance(array, Shards):
+        return da.concatenate([as_dask(part, chunk_rows) for part in array.parts], axis=0)
+    if isinstance(array, np.memmap):
+        return da.from_array(NpyRows(array), chunks=chunks, asarray=True)
+    if isinstance(array, np.ndarray):  # an empty input
+        return da.from_array(array, chunks=chunks)
+    return da.from_zarr(array, chunks=chunks)
 
 
 def _describe_dtype(dtype):
@@ -81,6 +197,9 @@ def open_npy(path):
 def _check_logits(path, logits, bfloat16):
     dtype = logits.dtype
     if bfloat16:
+        if not hasattr(logits, "view"):
+            raise CommandError(f"{path}: --bfloat16 reads the raw items of .npy files, not of a Zarr array "
+                               "(store the scores as float32, or as bfloat16 in .npy files)")
         if dtype.itemsize != 2 or dtype.kind not in "Viu" or _dtypes.is_bfloat16(dtype):
             if _dtypes.is_bfloat16(dtype):
                 return logits

@@ -1,13 +1,18 @@
-"""``fastxent score``: per-row scoring of ``.npy`` files larger than memory, step by step.
+"""``fastxent score``: per-row scoring of inputs larger than memory, step by step.
 
 :func:`score_file` checks the options and the output path, opens the inputs
-(:func:`.inputs.open_inputs`: read-only memory maps) and checks them, plans
-the chunks under the memory budget, then streams: a chunk of rows of the
-first axis at a time through the public API
+(:func:`.inputs.open_inputs`: read-only memory maps, Zarr arrays, ``.npy``
+shards) and checks them, plans the chunks under the memory budget, then
+streams: a chunk of rows of the first axis at a time through the public API
 (``fastxent.sparse_softmax_cross_entropy`` for the loss alone, else
 ``fastxent.score``), each chunk's results written straight into output
 ``.npy`` files and summed for the reductions, its pages released
 (:mod:`.files`). The last step reduces the sums and words the summary.
+
+With ``scheduler`` (a Dask scheduler's address) the chunks are scored by the
+cluster's workers instead (``fastxent.dask`` on dask arrays whose tasks read
+the inputs themselves, :func:`.inputs.as_dask`), each task within the same
+budget; their per-row results come back to be written and summed as above.
 
 Chunk size (rows of the first axis)::
 
@@ -29,7 +34,7 @@ import numpy as np
 
 from ... import _dispatch, _dtypes, _reductions
 from ... import Score
-from ..common import CommandError
+from ..common import CommandError, warn
 from .files import Output, Pages
 from .inputs import check_shapes, first_bad_label, open_inputs
 
@@ -53,7 +58,7 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def score_file(logits_path, labels_path, out_path, *, fields="loss", reduction="none", ignore_index=None,
-               axis=-1, backend=None, memory="256M", bfloat16=False, progress=None):
+               axis=-1, backend=None, memory="256M", bfloat16=False, progress=None, scheduler=None):
     """Score ``logits_path`` against ``labels_path`` into ``out_path``; see the module docstring.
 
     Returns ``{"summary": one line for stderr, "stdout": lines (reduced values),
@@ -74,19 +79,23 @@ def score_file(logits_path, labels_path, out_path, *, fields="loss", reduction="
     if message is not None:
         raise CommandError(f"{labels_path}: {message}")
 
-    compute = _library_call(ax, ignore_index, backend, plan.loss_only)
-    if plan.rows:
-        # One row, untimed: loads (or compiles) the kernels, so rows/s is the streaming's.
-        try:
-            compute(logits[:1], np.asarray(labels[:1]))
-        except (ValueError, TypeError) as exc:
-            raise CommandError(f"{logits_path}: {exc}") from None
+    if scheduler is None:
+        compute = _library_call(ax, ignore_index, backend, plan.loss_only)
+        if plan.rows:
+            # One row, untimed: loads (or compiles) the kernels, so rows/s is the streaming's.
+            try:
+                compute(logits[:1], np.asarray(labels[:1]))
+            except (ValueError, TypeError) as exc:
+                raise CommandError(f"{logits_path}: {exc}") from None
+        chunks = _chunks_here(logits, labels, plan, compute, logits_path)
+    else:
+        chunks = _chunks_on_cluster(scheduler, logits, labels, ax, plan, ignore_index, backend, logits_path)
+        progress = None  # a Dask progress bar instead
     output = Output(out_path, kind, names) if kind else None
     try:
         if output and reduction == "none":
             output.open({name: (labels.shape, plan.dtypes[name]) for name in names})
-        sums, counted, elapsed = _stream(logits, labels, plan, compute, output, ignore_index, progress,
-                                         logits_path)
+        sums, counted, elapsed = _stream(chunks, plan, output, ignore_index, progress)
         reduced = _reduce(sums, counted, plan) if reduction != "none" else {}
         if output:
             if reduced:
@@ -210,6 +219,14 @@ def _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_
     if chunk < 1 and rows:
         raise CommandError(f"--memory {memory}: one row of {logits_path} needs {row_bytes:,} bytes; "
                            "raise the budget")
+    stored = getattr(logits, "chunks", None)
+    if isinstance(stored, tuple) and stored and rows:
+        # A Zarr array decodes whole stored chunks: read whole ones, so each is decoded once.
+        if chunk >= stored[0]:
+            chunk = chunk // stored[0] * stored[0]
+        else:
+            warn(f"{logits_path}: its stored chunks of {stored[0]:,} rows take more than --memory {memory}; "
+                 "each read decodes a whole stored chunk, so the memory used is that chunk's")
     return _Plan(names, reduction, loss_only, dtypes, rows, per_row, classes, max(1, chunk), row_bytes)
 
 
@@ -239,26 +256,36 @@ def _library_call(ax, ignore_index, backend, loss_only):
     return compute
 
 
-def _stream(logits, labels, plan, compute, output, ignore_index, progress, logits_path):
-    """Score every chunk; write it (``output`` with ``--reduction none``) and sum it.
+def _chunks_here(logits, labels, plan, compute, logits_path):
+    """``(start, stop, labels, values)`` of every chunk, scored in this process; each chunk's
+    pages are released once it is used."""
+    logits_pages = Pages(logits, sequential=True)
+    labels_pages = Pages(labels, sequential=True)
+    for start in range(0, plan.rows, plan.chunk):
+        stop = min(plan.rows, start + plan.chunk)
+        x, y = logits[start:stop], np.asarray(labels[start:stop])
+        try:
+            values = compute(x, y)
+        except (ValueError, TypeError) as exc:
+            raise CommandError(f"{logits_path}: rows {start}-{stop - 1}: {exc}") from None
+        del x
+        yield start, stop, y, values
+        logits_pages.release_rows(stop)
+        labels_pages.release_rows(stop)
+
+
+def _stream(chunks, plan, output, ignore_index, progress):
+    """Write (``output`` with ``--reduction none``) and sum each chunk's results.
 
     Returns ``(sums per field, rows counted (not ignored), seconds)``.
     """
     sums = {name: 0.0 for name in FIELDS}
     counted = 0
     writing = output is not None and plan.reduction == "none"
-    logits_pages = Pages(logits, sequential=True)
-    labels_pages = Pages(labels, sequential=True)
     started = time.perf_counter()
     bar = progress(plan.rows * plan.per_row) if progress else None
     try:
-        for start in range(0, plan.rows, plan.chunk):
-            stop = min(plan.rows, start + plan.chunk)
-            x, y = logits[start:stop], np.asarray(labels[start:stop])
-            try:
-                values = compute(x, y)
-            except (ValueError, TypeError) as exc:
-                raise CommandError(f"{logits_path}: rows {start}-{stop - 1}: {exc}") from None
+        for start, stop, y, values in chunks:
             counted += int(_reductions.mean_denominator(y.reshape(-1), ignore_index, None))
             kept = (y != ignore_index) if ignore_index is not None else None
             for name in SUMMED_FIELDS:
@@ -269,15 +296,99 @@ def _stream(logits, labels, plan, compute, output, ignore_index, progress, logit
                 for name in plan.names:
                     output.arrays[name][start:stop] = values[name]
                     output.pages[name].release_rows(stop)
-            del values, x
-            logits_pages.release_rows(stop)
-            labels_pages.release_rows(stop)
+            del values
             if bar:
                 bar.update((stop - start) * plan.per_row)
     finally:
         if bar:
             bar.close()
     return sums, counted, time.perf_counter() - started
+
+
+# ----------------------------------------------------------------------------
+# On a Dask cluster
+# ----------------------------------------------------------------------------
+
+#: Seconds to wait for a Dask scheduler to answer; the environment variable overrides it.
+CONNECT_TIMEOUT = 10
+CONNECT_TIMEOUT_ENV = "FASTXENT_SCHEDULER_TIMEOUT"
+
+
+def _connect(address):
+    """A ``distributed.Client`` of the scheduler at ``address``; one line of error otherwise."""
+    try:
+        import distributed
+    except ImportError:
+        raise CommandError("--scheduler needs Dask's distributed: pip install 'fastxent[dask]'") from None
+    try:
+        return distributed.Client(address, timeout=float(os.environ.get(CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT)))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CommandError(f"--scheduler {address}: cannot reach a Dask scheduler there ({exc})") from None
+
+
+def _to_host(values):
+    """A chunk's results as numpy arrays (from CuPy ones with ``--backend cupy``)."""
+    return tuple(value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else value
+                 for value in values)
+
+
+def _to_device(block):
+    import cupy
+
+    return cupy.asarray(block)
+
+
+def _chunks_on_cluster(address, logits, labels, ax, plan, ignore_index, backend, logits_path):
+    """``(start, stop, labels, values)`` of every chunk, scored by the workers of the Dask
+    scheduler at ``address`` (in the order they finish). The tasks read the inputs where
+    they lie (the paths must be visible to the workers) and score a chunk of
+    ``plan.chunk`` rows each, the memory budget of one chunk per task. On a terminal,
+    Dask's progress bar runs (on stderr) until every chunk is done."""
+    import contextlib
+    import sys
+
+    import dask
+    import distributed
+
+    from ... import dask as fxd
+    from .inputs import as_dask
+
+    client = _connect(address)
+    try:
+        x, y = as_dask(logits, plan.chunk), as_dask(labels, plan.chunk)
+        if backend == "cupy":
+            import cupy
+
+            x = x.map_blocks(_to_device, meta=cupy.empty((0,) * x.ndim, dtype=x.dtype))
+            y = y.map_blocks(_to_device, meta=cupy.empty((0,) * y.ndim, dtype=y.dtype))
+        try:
+            if plan.loss_only:
+                fields = {"loss": fxd.sparse_softmax_cross_entropy(x, y, axis=ax, ignore_index=ignore_index,
+                                                                   backend=backend)}
+            else:
+                fields = fxd.score(x, y, axis=ax, ignore_index=ignore_index, backend=backend)._asdict()
+        except (ValueError, TypeError) as exc:
+            raise CommandError(f"{logits_path}: {exc}") from None
+        names = list(fields)
+        bounds = np.cumsum((0,) + x.chunks[0])
+        tasks = [dask.delayed(_to_host)([fields[name].blocks[i] for name in names])
+                 for i in range(len(x.chunks[0]))]
+        futures = client.compute(tasks)
+        where = {future.key: i for i, future in enumerate(futures)}
+        if getattr(sys.stderr, "isatty", lambda: False)():
+            with contextlib.redirect_stdout(sys.stderr):
+                distributed.progress(futures)
+        for future in distributed.as_completed(futures):
+            i = where[future.key]
+            start, stop = int(bounds[i]), int(bounds[i + 1])
+            try:
+                values = future.result()
+            except (ValueError, TypeError) as exc:
+                raise CommandError(f"{logits_path}: rows {start}-{stop - 1}: {exc}") from None
+            future.release()
+            yield start, stop, np.asarray(labels[start:stop]), dict(zip(names, values))
+    finally:
+        client.close()
 
 
 # ----------------------------------------------------------------------------
