@@ -4,7 +4,9 @@ A ``distributed.LocalCluster`` of 2 worker processes, each with ``--memory-limit
 default: the nanny restarts a worker that passes 95% of it), reads a
 ``--rows`` x ``--classes`` float32 Zarr array in chunks of ``--chunk-rows`` rows and
 scores it: the mean loss, the accuracy and the mean entropy, and the per-row loss and
-argmax written to Zarr beside the input (what ``fastxent score`` writes). Reported:
+argmax written to Zarr beside the input; then, on restarted workers, the command
+``fastxent score --scheduler`` of the same input (``--memory`` = ``--cli-memory``), its
+per-row loss and argmax written to an ``.npz``. Reported for each:
 each worker's peak resident memory (``ru_maxrss``) against the limit, its baseline
 (after a one-chunk warm-up that loads the kernels), whether any worker was restarted,
 the throughput beside the in-process ``fastxent.score`` of one chunk, and a check of
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -65,9 +68,11 @@ def main(argv=None):
     parser.add_argument("--chunk-rows", type=int, default=512)
     parser.add_argument("--memory-limit", default="1GB")
     parser.add_argument("--check-rows", type=int, default=64)
+    parser.add_argument("--cli-memory", default="128M", help="--memory of the fastxent score run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
+    import dask
     import dask.array as da
     import distributed
 
@@ -105,6 +110,25 @@ def main(argv=None):
         got_loss = da.from_zarr(os.path.join(out, "loss"))[sample].compute()
         matches = bool(np.allclose(got_loss, want.loss, rtol=2e-5, atol=2e-5))
 
+        # The command line on the same cluster, restarted: its own peaks.
+        client.restart()
+        client.run(lambda: fx.score(np.zeros((2, 4), np.float32), np.zeros(2, np.int64)))
+        cli_baseline = client.run(_peak_rss_mib)
+        cli_pids = client.run(os.getpid)
+        npz = os.path.join(args.path, "scores.npz")
+        command = [sys.executable, "-m", "fastxent.cli", "score", logits_path, labels_path, "-o", npz,
+                   "--fields", "loss,argmax", "--memory", args.cli_memory, "--scheduler", cluster.scheduler_address]
+        start = time.perf_counter()
+        run = subprocess.run(command, capture_output=True, text=True)
+        cli_seconds = time.perf_counter() - start
+        if run.returncode != 0:
+            raise SystemExit(f"fastxent score failed:\n{run.stderr}")
+        cli_peaks = client.run(_peak_rss_mib)
+        cli_restarted = client.run(os.getpid) != cli_pids
+        with np.load(npz) as written:
+            cli_matches = bool(np.allclose(written["loss"][sample], want.loss, rtol=2e-5, atol=2e-5))
+        cli_summary = run.stderr.strip().splitlines()[-1]
+
     block = np.random.default_rng(0).standard_normal((args.chunk_rows, args.classes), dtype=np.float32) * 3
     block_labels = np.zeros(args.chunk_rows, dtype=np.int64)
     fx.score(block, block_labels)
@@ -115,7 +139,7 @@ def main(argv=None):
         times.append(time.perf_counter() - begin)
     in_process = float(np.median(times)) * args.rows / args.chunk_rows
 
-    limit = distributed.utils.parse_bytes(args.memory_limit) / 2**20
+    limit = dask.utils.parse_bytes(args.memory_limit) / 2**20
     print(f"\n`fastxent.dask.score` of a {args.rows} x {args.classes} float32 Zarr array ({size_gb:.2f} GB, "
           f"uncompressed, chunks of {args.chunk_rows} rows = {args.chunk_rows * args.classes * 4 / 2**20:.0f} MiB) "
           f"on a 2-worker LocalCluster, memory limit {args.memory_limit} per worker; {_cpu()}; load average "
@@ -131,14 +155,26 @@ def main(argv=None):
     print(f"time {seconds:.1f} s = {args.rows / seconds:.0f} rows/s, {size_gb / seconds:.2f} GB/s; in-process "
           f"fx.score of one chunk x {args.rows // args.chunk_rows} chunks: {in_process:.1f} s "
           f"(ratio {seconds / in_process:.2f}x)")
+    print(f"\n`fastxent score --scheduler ... --memory {args.cli_memory}` on the restarted workers "
+          f"(wall {cli_seconds:.1f} s with start-up):\n")
+    print("| worker | baseline | peak resident | limit | peak / limit |")
+    print("|---|---:|---:|---:|---:|")
+    for address in sorted(cli_peaks):
+        print(f"| {address} | {cli_baseline[address]:.0f} MiB | {cli_peaks[address]:.0f} MiB | {limit:.0f} MiB | "
+              f"{cli_peaks[address] / limit:.2f} |")
+    print(f"\nworkers restarted: {'yes' if cli_restarted else 'no'}; reference on {args.check_rows} rows: "
+          f"{'matches' if cli_matches else 'DOES NOT MATCH'}; summary: {cli_summary}")
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"shape": [args.rows, args.classes], "chunk_rows": args.chunk_rows, "cpu": _cpu(),
                        "memory_limit": args.memory_limit, "baseline_mib": baseline, "peak_mib": peaks,
                        "restarted": restarted, "matches": matches, "seconds": seconds,
-                       "in_process_estimate_seconds": in_process, "load": [load_before, load_after]}, handle,
-                      indent=1)
-    if restarted or not matches or max(peaks.values()) > limit:
+                       "in_process_estimate_seconds": in_process, "load": [load_before, load_after],
+                       "cli": {"memory": args.cli_memory, "baseline_mib": cli_baseline, "peak_mib": cli_peaks,
+                               "restarted": cli_restarted, "matches": cli_matches, "wall_seconds": cli_seconds,
+                               "summary": cli_summary}}, handle, indent=1)
+    if restarted or cli_restarted or not (matches and cli_matches) or max(
+            list(peaks.values()) + list(cli_peaks.values())) > limit:
         raise SystemExit(1)
 
 
