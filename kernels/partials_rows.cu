@@ -28,6 +28,17 @@ __device__ __forceinline__ i64 block_label(i64 y, i64 offset, i64 C, i64 ignore_
     return (local >= 0 && local < C) ? local : -1;
 }
 
+// The statistics S of one row of the block over the group g (every thread returns them):
+// add(st, c, x_c) for each of this thread's classes, read once with evict-first loads.
+template <class S, class A, int G, class T, class F>
+__device__ __forceinline__ S block_row_stats(const Group<G>& g, const T* xr, i64 C, int vec_ok, F&& add) {
+    S st;
+    st.init();
+    row_apply<A, true, false>(0, C, xr, (const None*)nullptr, (None*)nullptr, (None*)nullptr, g.lane, g.width,
+                              vec_ok, [&](i64 c, A xv, A, A&, A&) { add(st, c, xv); });
+    return g.reduce(st);
+}
+
 // ============================================================================
 // Partial statistics of the losses: peak m, total sum exp(z - m), the target score when the
 // label is in the block; with class_weight (label smoothing) gap = sum_c xy(w, anchor - z_c)
@@ -46,13 +57,10 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_partials_rows(
     for (i64 row = g.first_row; row < N; row += g.row_stride) {
         const T* xr = x + row * C;
         const A shift = smoothing ? row_anchor(softcap(to_acc<A>(xr[0]), cp)) : A(0);
-        SparseStats<A> st;
-        st.init();
-        row_apply<A, true, false>(0, C, xr, (const None*)nullptr, (None*)nullptr, (None*)nullptr, g.lane, g.width,
-                                  vec_ok, [&](i64 c, A xv, A, A&, A&) {
-            st.add(softcap(xv, cp), smoothing ? (A)class_weight[offset + c] : A(1), smoothing, shift);
+        const SparseStats<A> st = block_row_stats<SparseStats<A>, A>(g, xr, C, vec_ok,
+                                                                    [&](SparseStats<A>& s, i64 c, A xv) {
+            s.add(softcap(xv, cp), smoothing ? (A)class_weight[offset + c] : A(1), smoothing, shift);
         });
-        st = g.reduce(st);
         if (!g.leader()) continue;
         const i64 local = block_label(labels[row], offset, C, ignore_index, has_ignore);
         peak[row] = st.sm.m;
@@ -78,11 +86,8 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) score_partials_rows(
     const Group<G> g;
     for (i64 row = g.first_row; row < N; row += g.row_stride) {
         const T* xr = x + row * C;
-        ScoreStats<A> st;
-        st.init();
-        row_apply<A, true, false>(0, C, xr, (const None*)nullptr, (None*)nullptr, (None*)nullptr, g.lane, g.width,
-                                  vec_ok, [&](i64 c, A xv, A, A&, A&) { st.add(c, xv); });
-        st = g.reduce(st);
+        const ScoreStats<A> st = block_row_stats<ScoreStats<A>, A>(g, xr, C, vec_ok,
+                                                                  [](ScoreStats<A>& s, i64 c, A xv) { s.add(c, xv); });
         if (!g.leader()) continue;
         const i64 local = block_label(labels[row], offset, C, ignore_index, has_ignore);
         peak[row] = st.sm.m;

@@ -22,13 +22,10 @@ from tests import emu
 
 #: No GPU here: CuPy is the stand-in of tests/emu and the kernels run on the emulated device.
 EMULATED = emu.real_device_reason() is not None
-if EMULATED:
-    if emu.unavailable_reason() is not None:
-        pytest.skip(f"{emu.real_device_reason()}, and the emulated device cannot run here either: "
-                    f"{emu.unavailable_reason()}", allow_module_level=True)
-    cupy = emu.fake_cupy.module
-else:
-    import cupy
+if EMULATED and emu.unavailable_reason() is not None:
+    pytest.skip(f"{emu.real_device_reason()}, and no emulated device either: {emu.unavailable_reason()}",
+                allow_module_level=True)
+cupy = emu.fake_cupy.module if EMULATED else pytest.importorskip("cupy")
 
 import dask  # noqa: E402
 import dask.array as da  # noqa: E402
@@ -43,15 +40,20 @@ from tests.support import (  # noqa: E402
     BF16,
     DTYPE_IDS,
     FLOAT_DTYPES,
-    assert_close,
     compare,
     compare_score,
     make_class_ids,
     make_logits,
     sparse_options,
-    tolerance,
 )
-from tests.test_partials import SPLIT_IDS, SPLITS, _adversarial, _blocks_of  # noqa: E402
+from tests.test_partials import (  # noqa: E402
+    PARTIAL_KINDS,
+    SPLIT_IDS,
+    SPLITS,
+    _adversarial,
+    _blocks_of,
+    check_block_partials,
+)
 
 pytestmark = pytest.mark.emulated if EMULATED else pytest.mark.gpu
 
@@ -86,34 +88,17 @@ def _device_dtypes():
 DEVICE_DTYPES, DEVICE_DTYPE_IDS = _device_dtypes()
 
 
+def _device_partials(block, labels, *args):
+    """The CUDA backend's ``softmax_partials`` on host arrays (copied over and back)."""
+    got = cuda.softmax_partials(cupy.asarray(block), cupy.asarray(labels), *args)
+    return type(got)(*(None if value is None else _host(value) for value in got))
+
+
 @pytest.mark.parametrize("dtype", DEVICE_DTYPES, ids=DEVICE_DTYPE_IDS)
 @pytest.mark.parametrize("rows,count,starts", SPLITS, ids=SPLIT_IDS)
-@pytest.mark.parametrize("kind", ["plain", "smoothing_softcap", "moments"])
+@pytest.mark.parametrize("kind", PARTIAL_KINDS)
 def test_cuda_block_partials_match_reference(dtype, rows, count, starts, kind):
-    x = make_logits((rows, count), dtype, seed=3)
-    labels = make_class_ids(rows, count, seed=4, ignore_index=-100, ignore_fraction=0.2)
-    x, labels = _adversarial(x, labels)
-    weights = np.random.default_rng(5).uniform(0.0, 2.0, count) if kind == "smoothing_softcap" else None
-    softcap = 6.0 if kind == "smoothing_softcap" else None
-    rtol, atol = tolerance(dtype, "value")
-    for offset, block in _blocks_of(x, starts):
-        args = (offset, -100, weights, softcap, kind == "moments")
-        got = cuda.softmax_partials(cupy.asarray(np.ascontiguousarray(block)), cupy.asarray(labels), *args)
-        want = ref.softmax_partials(block, labels, *args)
-        finite = ~np.isnan(want.total)
-        scale = np.maximum(1.0, np.abs(np.nan_to_num(want.peak.astype(np.float64), posinf=0, neginf=0)))
-        checks = [("total", finite | True), ("target", finite | True), ("peak", finite)]
-        if kind == "moments":
-            checks += [("spread", finite | True), ("best_value", finite | True)]
-            np.testing.assert_array_equal(_host(got.best), want.best, err_msg=f"block at {offset} best")
-        for field, rows_checked in checks:
-            assert_close(_host(getattr(got, field))[rows_checked], getattr(want, field)[rows_checked], dtype,
-                         what=f"block at {offset} {field}", tol=(rtol, atol * scale[rows_checked]))
-        if weights is not None:   # anchors are each backend's choice: the gaps moved to one anchor
-            moved = (_host(got.gap).astype(np.float64)
-                     + np.sum(weights[offset:offset + block.shape[1]]) * (want.anchor - _host(got.anchor)))
-            assert_close(moved, want.gap, dtype, what=f"block at {offset} gap",
-                         tol=(1e-4 if dtype != np.float64 else 1e-9, 1e-3 * scale * count))
+    check_block_partials(_device_partials, dtype, rows, count, starts, kind)
 
 
 @pytest.mark.parametrize("dtype", DEVICE_DTYPES, ids=DEVICE_DTYPE_IDS)
