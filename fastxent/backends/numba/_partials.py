@@ -6,17 +6,38 @@ holds a whole row: each block ``[offset, offset + Cb)`` of a row reduces to a fe
 numbers (:class:`fastxent.backends.Partials`), the blocks' numbers merge with the
 log-sum-exp combine (``fastxent/_partials.py``), and a second pass over each block
 writes its share of the gradient. The row machinery is ``_rows``'s and
-``_moments``'s: :func:`~._rows.row_sum_exp` (the chunked online max and sum of
-exp) for the losses and :func:`~._moments.row_moments` (with the entropy term and
-the argmax) for ``score``; the gradient element is ``_softmax``'s.
+``_moments``'s: :func:`~._rows.chunk_max` and the exp of ``_math`` for the losses
+(:func:`_block_sum_exp`), :func:`~._moments.row_moments` (with the entropy term
+and the argmax) for ``score``; the gradient element is ``_softmax``'s.
 """
 
+import numpy as np
 from numba import prange
 
 from . import _math as nm
 from ._moments import row_moments
-from ._rows import capped, inline, kernel, row_sum_exp, xlogy_term, zero_row
+from ._rows import capped, chunk_max, inline, kernel, xlogy_term, zero_row
 from ._softmax import _softmax_grad
+
+
+@inline
+def _block_sum_exp(row, softcap, acc):
+    """``(m, s)`` of a block row: its (capped) max ``m``, then ``s = sum exp(t - m)`` in a
+    second pass over the row.
+
+    Two passes, not ``_rows.row_lse``'s chunked one-read loop: a block row of a split
+    is short (8192 float32 = 32 KB at 131072 classes in 16 blocks) and read again from
+    L1/L2, and the chunked loop compiles to gathers for an AVX-512 target
+    (shared/PERF-NOTES.md): 24 ms against 56 ms for 1024 x 8192 float32 on this
+    2-core Xeon (AVX-512). An all ``-inf`` row gives ``(-inf, 0)``, a row holding NaN
+    or ``+inf`` a NaN ``s``.
+    """
+    peak = capped(chunk_max(row, 0, row.shape[0], acc), softcap)
+    shift = peak if peak != -np.inf else acc(0.0)   # all -inf: exp(-inf - 0) = 0
+    total = acc(0.0)
+    for j in range(row.shape[0]):
+        total += nm.exp_approx(capped(nm.load(row[j]), softcap) - shift)
+    return peak, total
 
 
 @inline
@@ -52,7 +73,7 @@ def partials_kernel(logits, labels, ignore_index, offset, class_weight, softcap,
             best_out[i] = best + offset
             best_value_out[i] = nm.load(row[best])
         else:
-            peak, total = row_sum_exp(row, softcap, acc)
+            peak, total = _block_sum_exp(row, softcap, acc)
         peak_out[i] = peak
         total_out[i] = total
         local = _local_label(labels, i, ignore_index, offset, count)

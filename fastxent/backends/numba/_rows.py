@@ -102,16 +102,16 @@ def rebase(peak, shift):
 
 
 @inline
-def row_sum_exp(row, softcap, acc):
-    """``(m, s)``: the max ``m`` of one row's (capped) scores ``t`` and ``s = sum exp(t - m)``,
-    in one read, chunk by chunk.
+def row_lse(row, softcap, acc):
+    """``log(sum(exp(t)))`` of one row (t = capped scores) in one read, chunk by chunk,
+    as the pair ``(shift, log_sum)`` with ``lse = shift + log_sum``.
 
     Each chunk of ``CHUNK`` classes contributes ``(its max, sum exp(t - max))``
     while it is in L1, merged into the running pair by :func:`rebase`. A chunk
-    that is all ``-inf`` adds nothing, so an all ``-inf`` row gives ``(-inf, 0)``;
-    a row holding NaN or ``+inf`` gives a NaN ``s``. :func:`row_lse` takes its
-    log; the class-axis partials of ``_partials`` keep the pair, which merges
-    with other blocks' pairs.
+    that is all ``-inf`` adds nothing; a row that is all ``-inf`` or holds
+    NaN/+inf gives a NaN ``log_sum``. Callers keep the pair apart:
+    ``(t - shift) - log_sum`` is exact where ``t - lse`` is not (at |x| = 1e4
+    float32 rounds lse to 1e-3, a 3e-4 relative error on log 2).
     """
     count = row.shape[0]
     running_max = acc(-np.inf)
@@ -127,20 +127,6 @@ def row_sum_exp(row, softcap, acc):
         if chunk_sum != 0:
             running_max, old, new = rebase(running_max, shift)
             running_sum = running_sum * old + chunk_sum * new
-    return running_max, running_sum
-
-
-@inline
-def row_lse(row, softcap, acc):
-    """``log(sum(exp(t)))`` of one row (t = capped scores) in one read (:func:`row_sum_exp`),
-    as the pair ``(shift, log_sum)`` with ``lse = shift + log_sum``.
-
-    A row that is all ``-inf`` or holds NaN/+inf gives a NaN ``log_sum``.
-    Callers keep the pair apart: ``(t - shift) - log_sum`` is exact where
-    ``t - lse`` is not (at |x| = 1e4 float32 rounds lse to 1e-3, a 3e-4
-    relative error on log 2).
-    """
-    running_max, running_sum = row_sum_exp(row, softcap, acc)
     if running_sum > 0:
         return running_max, acc(math.log(running_sum))
     return running_max, acc(np.nan)
