@@ -376,6 +376,9 @@ def _cross_entropy_arrays(input, target, weight, spec, need_grad):
             if spec.z_loss:
                 raise ValueError(f"z_loss={spec.z_loss} applies to class-index targets only, "
                                  "not to class probabilities")
+            if spec.ignore_index >= 0:  # torch's rule: negative values (the default -100) pass
+                raise ValueError(f"ignore_index={spec.ignore_index}: ignore_index is not supported for "
+                                 "floating point target (class probabilities)")
             if weight is not None:
                 # torch: -sum_c w_c y'_c log p_c with y' the smoothed target. Folding
                 # w into the labels keeps it one fused pass (fastxent's soft labels

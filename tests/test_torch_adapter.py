@@ -302,6 +302,8 @@ def test_bad_input_errors_name_the_problem():
         fxt.cross_entropy(_logits((4, 1), torch.float32), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="z_loss"):
         fxt.cross_entropy(x, torch.softmax(x, 1), z_loss=0.1)
+    with pytest.raises(ValueError, match="ignore_index is not supported for floating point target"):
+        fxt.cross_entropy(x, torch.softmax(x, 1), ignore_index=1)
     with pytest.raises(TypeError, match="device"):
         fxt.cross_entropy(torch.zeros((2, 3), device="meta"), torch.zeros(2, dtype=torch.long))
 
