@@ -44,7 +44,9 @@ on parallel threads, and each kernel uses every core. (The torch adapter
 keeps the gradient from a fused forward instead: there the forward knows that
 a backward will follow; a TensorFlow forward does not.)
 
-Limits: ``tf.numpy_function`` runs on the host and cannot be compiled by XLA.
+Limits: first derivatives only (a nested ``GradientTape`` asking for second
+derivatives gets a ``NotImplementedError``, not a silently missing term);
+``tf.numpy_function`` runs on the host and cannot be compiled by XLA.
 Keras resolves ``jit_compile="auto"`` to False on CPU-only machines; where a
 GPU is visible, compile with ``jit_compile=False``. Only the TensorFlow
 backend of Keras is supported (with another backend the call raises).
@@ -110,14 +112,26 @@ def _fused(function, first, labels, loss_shape, **options):
         return np.asarray(grad, dtype=x.dtype)
 
     @tf.custom_gradient
+    def first_order_only(x, dy):
+        grad = tf.numpy_function(backward, [x, labels, dy], x.dtype, stateful=False)
+        grad.set_shape(x.shape)
+
+        def second_order(_):
+            # A numpy_function has no gradient: without this, a nested tape would
+            # silently leave the loss's second-order terms out.
+            raise NotImplementedError(
+                "fastxent.keras computes first derivatives only; for second derivatives (a nested "
+                "GradientTape) use Keras's own loss, or fastxent.jax / fastxent.torch")
+
+        return grad, second_order
+
+    @tf.custom_gradient
     def op(x):
         loss = tf.numpy_function(forward, [x, labels], loss_dtype, stateful=False)
         loss.set_shape(loss_shape)
 
         def gradient(dy):
-            grad = tf.numpy_function(backward, [x, labels, dy], x.dtype, stateful=False)
-            grad.set_shape(x.shape)
-            return grad
+            return first_order_only(x, dy)
 
         return loss, gradient
 

@@ -240,6 +240,20 @@ def test_shape_mismatch_is_keras_value_error_at_trace_time(kind):
     assert messages[0] == messages[1]  # Keras's own message
 
 
+def test_second_derivatives_raise_instead_of_missing_terms():
+    y_true, y_pred = _inputs("sparse", True, (4, 3))
+    variable = tf.Variable(y_pred)
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            value = fxk.SparseCategoricalCrossentropy(from_logits=True)(y_true, variable)
+        grad = inner.gradient(value, variable)
+        penalty = tf.reduce_sum(grad * grad)
+    _, expected = _value_and_grad(keras.losses.SparseCategoricalCrossentropy(from_logits=True), y_true, y_pred)
+    assert_close(grad, expected, "first order inside a nested tape")  # a reduced loss: the ramp is [1]
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        outer.gradient(penalty, variable)
+
+
 def test_bad_labels_raise_with_fastxents_message():
     with pytest.raises(Exception, match="outside"):
         fxk.SparseCategoricalCrossentropy(from_logits=True)(np.array([0, 7]), np.zeros((2, 3), np.float32))
