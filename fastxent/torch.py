@@ -125,6 +125,7 @@ import torch.nn.functional as F
 from torch.nn import _reduction
 
 import fastxent as fx
+from fastxent import _dispatch, _reductions
 from fastxent._adapters import host_lock
 
 __all__ = [
@@ -334,14 +335,12 @@ def _class_dim(input):
     return 1 if input.dim() >= 2 else 0
 
 
-def _counted_weight(target, weight, ignore_index, count):
-    """``sum_i w[y_i]`` over the rows not ignored: the denominator of torch's mean."""
-    counted = target != ignore_index
-    if weight is None:
-        return float(counted.sum())
-    safe = target.clamp(0, max(count - 1, 0)).long()
-    picked = weight.detach().to(device=target.device, dtype=torch.float64)[safe]
-    return float((picked * counted).sum())
+def _counted_weight(labels, weight, ignore_index):
+    """``sum_i w[y_i]`` over the rows not ignored (the denominator of torch's mean), by
+    fastxent's one rule (``_reductions.mean_denominator``), in float64."""
+    xp = _dispatch.array_module(_dispatch.is_cuda_array(labels))
+    weights = None if weight is None else xp.asarray(_as_array(weight.detach()), dtype=np.float64)
+    return float(_reductions.mean_denominator(labels.reshape(-1), ignore_index, weights, xp))
 
 
 def _torch_cross_entropy_value(input, target, weight, spec, need_grad):
@@ -404,7 +403,7 @@ def _cross_entropy_arrays(input, target, weight, spec, need_grad):
             options = dict(axis=class_dim, ignore_index=spec.ignore_index, class_weight=_optional_array(weight),
                            label_smoothing=label_smoothing, z_loss=spec.z_loss, softcap=spec.softcap)
             if reduction == "mean":
-                denominator = _counted_weight(target, weight, spec.ignore_index, count)
+                denominator = _counted_weight(y, weight, spec.ignore_index)
                 if denominator == 0.0:
                     # torch divides by zero here (NaN or +-inf); fastxent's own rule would
                     # give 0. torch's function computes it; for fastxent's extras, which

@@ -250,7 +250,8 @@ def test_negative_class_weights_are_linear_like_torch(backend):
                                                     **options)
         got = fx.sparse_softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
                                               backend=backend, **options)
-        _compare(got, expected, np.float64, f"{backend} negative weights {reduction}")
+        compare(got, expected, np.float64, f"{backend} negative weights {reduction}")
+
     def unreduced(w):
         return fx.sparse_softmax_cross_entropy(logits, labels, ignore_index=-100, class_weight=w,
                                                backend=backend)
