@@ -22,8 +22,10 @@ import contextlib
 import numpy as np
 import pytest
 
-from fastxent.backends import cupy_cuda  # the backend under test
-from tests import emu
+from fastxent import _config  # noqa: E402  (the tunables the tests patch)
+from fastxent.backends import cuda as cupy_cuda  # noqa: E402  (the backend under test)
+from fastxent.backends.cuda import _plans  # noqa: E402
+from tests import emu, support
 
 #: No GPU here: CuPy is the stand-in of tests/emu and the kernels run on the emulated device.
 EMULATED = emu.real_device_reason() is not None
@@ -86,7 +88,7 @@ SCALED_TUNABLES = {"SPLIT_MIN_CLASSES": 4096, "SPLIT_MIN_CHUNK": 1024} if EMULAT
 @pytest.fixture(scope="module", autouse=True)
 def device():
     """The emulated device stands in for CuPy while this module runs (nothing to do on a GPU)."""
-    with emu.emulated_cupy(cupy_cuda) if EMULATED else contextlib.nullcontext():
+    with emu.emulated_cupy() if EMULATED else contextlib.nullcontext():
         yield
 
 
@@ -102,13 +104,13 @@ def compiled_kernels(device):
 @pytest.fixture(autouse=True)
 def scaled_tunables(monkeypatch):
     for name, value in SCALED_TUNABLES.items():
-        monkeypatch.setattr(cupy_cuda, name, value)
+        monkeypatch.setattr(_config, "CUDA_" + name, value)
 
 
 @pytest.fixture(autouse=True)
 def label_checks_on(monkeypatch):
-    monkeypatch.delenv(cupy_cuda.SKIP_LABEL_CHECK_ENV, raising=False)
-    monkeypatch.setattr(cupy_cuda, "CHECK_LABELS", True)
+    monkeypatch.delenv(_config.CUDA_SKIP_LABEL_CHECK_ENV, raising=False)
+    monkeypatch.setattr(_config, "CUDA_CHECK_LABELS", True)
 
 
 # ----------------------------------------------------------------------------
@@ -133,20 +135,8 @@ def to_host(value):
 
 
 def compare(got, expected, dtype, what, atol_scale=1.0, grad_atol_scale=None):
-    """Loss ("value" tolerance) and grad ("stored") against the reference, with dtypes;
-    the grad's atol scales by ``grad_atol_scale`` when given, else by ``atol_scale``."""
-    got = to_host(got)
-
-    def check(actual, wanted, kind, name, scale):
-        assert_same_dtype(actual, wanted, f"{what} {name}")
-        rtol, atol = tolerance(dtype, kind)
-        assert_close(actual, wanted, dtype, kind, f"{what} {name}", tol=(rtol, atol * np.asarray(scale)))
-
-    if isinstance(expected, tuple):
-        check(got[0], expected[0], "value", "loss", atol_scale)
-        check(got[1], expected[1], "stored", "grad", atol_scale if grad_atol_scale is None else grad_atol_scale)
-    else:
-        check(got, expected, "value", "", atol_scale)
+    """``tests.support.compare`` of a device result, brought to the host."""
+    support.compare(to_host(got), expected, dtype, what, atol_scale, grad_atol_scale)
 
 
 def row_scale(logits, axis=-1):
@@ -202,7 +192,7 @@ def test_sparse_matches_reference(dtype, shape, option):
 @pytest.mark.parametrize("option", ["plain", "all"])
 def test_sparse_split_path(dtype, option):
     shape = (4, HUGE)
-    info = cupy_cuda.device_info(cupy.cuda.Device().id)
+    info = _plans.device_info(cupy.cuda.Device().id)
     assert cupy_cuda.split_plan(*shape, info) is not None, f"{shape} should take the split-row path"
     logits = make_logits(shape, dtype, seed=11)
     options = sparse_options(option, shape[1])
@@ -230,7 +220,7 @@ PATHS = {
 @pytest.mark.parametrize("shape", [(5, 3), (6, 423), (3, 3001)], ids=["5x3", "6x423", "3x3001"])
 def test_every_launch_path(monkeypatch, path, dtype, shape):
     for name, value in PATHS[path].items():
-        monkeypatch.setattr(cupy_cuda, name, value)
+        monkeypatch.setattr(_config, "CUDA_" + name, value)
     logits = make_logits(shape, dtype, seed=21)
     labels = make_class_ids(shape[:1], shape[1], seed=22, ignore_index=-100, ignore_fraction=0.2)
     options = sparse_options("all", shape[1])
@@ -259,10 +249,10 @@ def test_fused_kernel_with_capped_residency(monkeypatch):
     The split-row path is off: 16 rows are fewer than a GPU's SMs, and the split kernels
     take no residency cap."""
     shape = (16, VOCAB)
-    info = cupy_cuda.device_info(cupy.cuda.Device().id)
+    info = _plans.device_info(cupy.cuda.Device().id)
     row_bytes = shape[1] * 4
-    monkeypatch.setattr(cupy_cuda, "FUSED_L2_FRACTION", 1.5 * info.sms * row_bytes / info.l2_bytes)
-    monkeypatch.setattr(cupy_cuda, "SPLIT_MIN_CLASSES", 2**62)
+    monkeypatch.setattr(_config, "CUDA_FUSED_L2_FRACTION", 1.5 * info.sms * row_bytes / info.l2_bytes)
+    monkeypatch.setattr(_config, "CUDA_SPLIT_MIN_CLASSES", 2**62)
     assert cupy_cuda.split_plan(*shape, info) is None
     plan = cupy_cuda.row_plan(shape[0], shape[1], row_bytes, info, True)
     assert plan.group == 0 and plan.smem > 0, plan
@@ -342,26 +332,17 @@ def test_hvp_matches_reference(dtype, shape, v_dtype):
 
 
 def compare_score(got, expected, dtype, what, atol_scale=1.0):
-    for field in ("loss", "lse", "target_logprob", "entropy"):
-        actual, wanted = getattr(got, field), getattr(expected, field)
-        assert_same_dtype(actual, wanted, f"{what} {field}")
-        rtol, atol = tolerance(dtype, "value")
-        assert_close(actual, wanted, dtype, "value", f"{what} {field}", tol=(rtol, atol * np.asarray(atol_scale)))
-    for field in ("argmax", "correct"):
-        actual, wanted = getattr(got, field), getattr(expected, field)
-        assert_same_dtype(actual, wanted, f"{what} {field}")
-        np.testing.assert_array_equal(actual, wanted, err_msg=f"{what} {field}")
+    """``tests.support.compare_score`` of a device result, brought to the host."""
+    support.compare_score(to_host(got), expected, dtype, what, atol_scale)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("ignore_index", [None, -100], ids=["no-ignore", "ignore"])
-@pytest.mark.parametrize("label_dtype", ["int64", "int32", "uint8"])
+@pytest.mark.parametrize("ignore_index, label_dtype", [
+    (None, "int64"), (None, "int32"), (None, "uint8"), (-100, "int64"), (-100, "int32")])  # -100 is no uint8
 def test_score_matches_reference(dtype, shape, ignore_index, label_dtype):
     x = make_logits(shape, dtype)
     labels = make_class_ids(shape[:1], min(shape[1], 200), ignore_index=ignore_index, ignore_fraction=0.3)
-    if label_dtype == "uint8" and ignore_index is not None:
-        pytest.skip("-100 is not a uint8 label")
     labels = labels.astype(label_dtype)
     expected = ref.score(x, labels, ignore_index=ignore_index)
     got = to_host(fx.score(dev(x), dev(labels), ignore_index=ignore_index))
@@ -580,7 +561,7 @@ def test_split_path_odd_classes_misaligned_inplace():
     """The split-row path on rows of odd C starting off the 16-byte grid, gradient inplace:
     every chunk of every row has its own scalar head and tail."""
     n, c = 3, 100003 if not EMULATED else 6007
-    info = cupy_cuda.device_info(cupy.cuda.Device().id)
+    info = _plans.device_info(cupy.cuda.Device().id)
     assert cupy_cuda.split_plan(n, c, info) is not None
     host = make_logits((n, c), np.float32, seed=37)
     labels = make_class_ids((n,), c, seed=38)
@@ -675,8 +656,8 @@ def test_sigmoid_matches_reference(dtype, shape, pos_weight, label_dtype):
 def test_elementwise_grid_stride(monkeypatch, dtype):
     """A grid of one 32-thread block per SM: each thread takes several tiles of packs, and
     a misaligned view (vec_ok = 0) several scalars, in every elementwise kernel."""
-    monkeypatch.setattr(cupy_cuda, "ELEMENTWISE_BLOCK_THREADS", 32)
-    monkeypatch.setattr(cupy_cuda, "ELEMENTWISE_BLOCKS_PER_SM", 1)
+    monkeypatch.setattr(_config, "CUDA_ELEMENTWISE_BLOCK_THREADS", 32)
+    monkeypatch.setattr(_config, "CUDA_ELEMENTWISE_BLOCKS_PER_SM", 1)
     rng = np.random.default_rng(42)
     x = make_logits((37, 257), dtype, seed=43)
     z = rng.random(x.shape)
@@ -748,12 +729,12 @@ def test_bad_label_check_can_be_skipped(monkeypatch):
     x = make_logits((4, 423), np.float32)
     labels = make_class_ids((4,), 423)
     labels[2] = 9999
-    monkeypatch.setenv(cupy_cuda.SKIP_LABEL_CHECK_ENV, "1")
+    monkeypatch.setenv(_config.CUDA_SKIP_LABEL_CHECK_ENV, "1")
     loss, grad = to_host(fx.sparse_softmax_cross_entropy(dev(x), dev(labels), return_grad=True))
     assert np.isnan(loss[2]) and np.isfinite(np.delete(loss, 2)).all()
     assert (grad[2] == 0).all()
-    monkeypatch.delenv(cupy_cuda.SKIP_LABEL_CHECK_ENV)
-    monkeypatch.setattr(cupy_cuda, "CHECK_LABELS", False)
+    monkeypatch.delenv(_config.CUDA_SKIP_LABEL_CHECK_ENV)
+    monkeypatch.setattr(_config, "CUDA_CHECK_LABELS", False)
     loss = to_host(fx.sparse_softmax_cross_entropy(dev(x), dev(labels)))
     assert np.isnan(loss[2])
 
@@ -834,3 +815,12 @@ def test_everything_runs_on_the_current_stream():
 def test_table_instantiations_all_load():
     """Every instantiation of the dtype table compiles and loads (cached by the fixture)."""
     assert cupy_cuda.precompile() == len(cupy_cuda.instantiations())
+
+
+def test_sigmoid_tiny_losses_keep_their_relative_precision():
+    """As tests/test_families.py on the host: the CUDA formula has no cancellation either."""
+    x = np.concatenate([-np.linspace(20, 80, 13), np.linspace(20, 80, 13)]).astype(np.float32)
+    z = (x > 0).astype(np.float32)
+    expected = np.log1p(np.exp(-np.abs(x.astype(np.float64))))
+    got = to_host(fx.sigmoid_cross_entropy(dev(x), dev(z))).astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0)

@@ -16,7 +16,9 @@ import shutil
 import numpy as np
 import pytest
 
-from fastxent.backends import cupy_cuda  # the backend under test
+from fastxent import _config  # noqa: E402  (the tunables the tests patch)
+from fastxent.backends import cuda as cupy_cuda  # noqa: E402  (the backend under test)
+from fastxent.backends.cuda import _build  # noqa: E402
 from tests import emu
 from tests.emu import device
 from tests.support import assert_close, make_class_ids, make_logits
@@ -246,8 +248,8 @@ __global__ void narrow_half(const float* in, fx::f16* out, long long n) {
 def test_float16_conversions_are_bit_exact():
     """fx_common.cuh's PTX cvt, as emulated: every half, and floats around every rounding
     boundary (ties, subnormals, overflow to inf), as numpy's float16."""
-    source = cupy_cuda.kernel_source("fx_common.cuh") + HALF_SOURCE
-    built = device.build([(source, cupy_cuda.COMPILE_OPTIONS, ["t::widen_half", "t::narrow_half"])])[0]
+    source = _build.kernel_source("fx_common.cuh") + HALF_SOURCE
+    built = device.build([(source, _build.compile_options(), ["t::widen_half", "t::narrow_half"])])[0]
     halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
     widened = np.zeros(halves.size, np.float32)
     built["t::widen_half"].launch(64, 256, (halves, widened, np.int64(halves.size)))
@@ -276,7 +278,7 @@ def check_sparse_rows(monkeypatch, shape, tunables):
     from fastxent import reference as ref
 
     for name, value in tunables.items():
-        monkeypatch.setattr(cupy_cuda, name, value)
+        monkeypatch.setattr(_config, "CUDA_" + name, value)
     logits = make_logits(shape, np.float32, seed=3)
     labels = make_class_ids(shape[:1], shape[1], seed=4)
     d_logits, d_labels = emu.fake_cupy.asarray(logits), emu.fake_cupy.asarray(labels)
@@ -297,7 +299,7 @@ def check_inplace_rows(monkeypatch, shape, tunables):
     from fastxent import reference as ref
 
     for name, value in tunables.items():
-        monkeypatch.setattr(cupy_cuda, name, value)
+        monkeypatch.setattr(_config, "CUDA_" + name, value)
     logits = make_logits(shape, np.float32, seed=5)
     labels = make_class_ids(shape[:1], shape[1], seed=6)
     expected = ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True)
@@ -347,21 +349,21 @@ def kernels_copy(tmp_path, monkeypatch):
     """A copy of kernels/ the backend loads from, on the emulated device; yields a function
     that applies one mutation to it."""
     copy = tmp_path / "kernels"
-    shutil.copytree(cupy_cuda.kernel_dir(), copy)
-    monkeypatch.setattr(cupy_cuda, "kernel_dir", lambda: copy)
-    cupy_cuda.kernel_source.cache_clear()
+    shutil.copytree(_build.kernel_dir(), copy)
+    monkeypatch.setattr(_build, "kernel_dir", lambda: copy)
+    _build.kernel_source.cache_clear()
 
     def mutate(filename, text, mutated):
         path = copy / filename
         source = path.read_text()
         assert source.count(text) >= 1, f"the mutation no longer applies to {filename}: {text!r}"
         path.write_text(source.replace(text, mutated, 1))
-        cupy_cuda.kernel_source.cache_clear()
-        cupy_cuda._module.cache_clear()
+        _build.kernel_source.cache_clear()
+        _build._module.cache_clear()
 
-    with emu.emulated_cupy(cupy_cuda):
+    with emu.emulated_cupy():
         yield mutate
-    cupy_cuda.kernel_source.cache_clear()
+    _build.kernel_source.cache_clear()
 
 
 def test_unmutated_kernels_pass_the_mutation_checks(kernels_copy, monkeypatch):

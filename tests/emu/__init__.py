@@ -32,13 +32,15 @@ def unavailable_reason():
 
 
 @contextlib.contextmanager
-def emulated_cupy(backend):
-    """``import cupy`` gives the stand-in inside the block; the CUDA ``backend`` module's
-    caches (compiled modules, device attributes) are emptied on the way in and out, so
-    nothing compiled for one device is used on the other."""
+def emulated_cupy():
+    """``import cupy`` gives the stand-in inside the block; the CUDA backend's caches
+    (compiled modules, device attributes) are emptied on the way in and out, so nothing
+    compiled for one device is used on the other."""
+    from fastxent.backends.cuda import _build, _plans
+
     def clear():
-        backend._module.cache_clear()
-        backend.device_info.cache_clear()
+        _build._module.cache_clear()
+        _plans.device_info.cache_clear()
 
     clear()
     try:

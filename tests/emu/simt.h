@@ -1,7 +1,7 @@
 // fastxent test support -- the CUDA subset of kernels/, for g++ on the host.
 //
 // tests/emu/device.py compiles each kernel source as: this header, then the text CuPy
-// would hand to NVRTC (cupy_cuda.kernel_source(), includes inlined), then one generated
+// would hand to NVRTC (fastxent.backends.cuda._build.kernel_source(), includes inlined), then one generated
 // entry per name expression (FX_EMU_ENTRY below). The kernel text is compiled unchanged
 // but for ONE rewrite: each inline-PTX statement `asm("<ptx>" : "=c"(out) : "c"(in));`
 // becomes a call of the emulated instruction, `fx_emu::ptx_<name>(out, in)` (g++ cannot
