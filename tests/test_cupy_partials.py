@@ -13,7 +13,6 @@ without g++, it skips with the reason.
 """
 
 import contextlib
-import types
 
 import numpy as np
 import pytest
@@ -34,7 +33,7 @@ import fastxent.dask as fxd  # noqa: E402
 from fastxent import _blocks, _partials  # noqa: E402
 from fastxent import reference as ref  # noqa: E402
 from fastxent.backends import cuda  # noqa: E402
-from fastxent.backends.cuda import _build, _plans  # noqa: E402
+from fastxent.backends.cuda import _build  # noqa: E402
 from fastxent._dtypes import accumulation_dtype  # noqa: E402
 from tests.support import (  # noqa: E402
     BF16,
@@ -60,10 +59,8 @@ pytestmark = pytest.mark.emulated if EMULATED else pytest.mark.gpu
 
 @pytest.fixture(scope="module", autouse=True)
 def device():
-    """The emulated device stands in for CuPy while this module runs (nothing to do on a GPU);
-    its compiled modules and device attributes are cached apart from a GPU's."""
-    caches = types.SimpleNamespace(_module=_build._module, device_info=_plans.device_info)
-    with emu.emulated_cupy(caches) if EMULATED else contextlib.nullcontext():
+    """The emulated device stands in for CuPy while this module runs (nothing to do on a GPU)."""
+    with emu.emulated_cupy() if EMULATED else contextlib.nullcontext():
         _build.precompile([e for f, e in _build.instantiations() if f == "partials_rows.cu"])
         if EMULATED:
             cupy.build_all()
