@@ -1,0 +1,257 @@
+"""Linear + cross-entropy from hidden states on the CPU: fastxent against PyTorch and the bare matmuls.
+
+Entries, timed side by side in one process on the same float32 data (hidden (N, H),
+weight (V, H), labels (N,), mean reduction), round-robin, the order reversed every
+repetition, median of ``--reps`` after ``--warmup``:
+
+* ``fastxent``: ``fx.linear_cross_entropy`` (default ``memory``), forward only and
+  forward+backward (``return_grad=True``);
+* ``torch linear+CE``: ``F.cross_entropy(F.linear(h, W), y)``, and ``loss.backward()``;
+* ``torch chunked``: ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
+  (PyTorch 2.13's chunked path, its CPU defaults), and ``loss.backward()``;
+* the yardstick: the three bare products of the same shapes, each timed alone with
+  numpy (the BLAS fastxent calls) into preallocated outputs: ``h @ W.T`` (the
+  forward's), ``G @ W`` and ``G.T @ h`` (the backward's), G an (N, V) array.
+
+Memory, per entry, in a fresh subprocess: the peak resident set during one call
+(``VmHWM`` reset through ``/proc/self/clear_refs``) minus the resident set before it
+(inputs allocated, kernels compiled), with glibc handing blocks over 64 KiB back on
+free (``MALLOC_MMAP_THRESHOLD_``); "above grads" subtracts the gradients the call
+returns (fastxent's ``LinearGrad``, torch's ``.grad`` of h and W), which every entry
+must produce.
+
+Run (writes bench/results/linear.md and prints it)::
+
+    python bench/bench_linear.py
+    python bench/bench_linear.py --shapes 2048x1024x32000 --reps 3 --blocks 64M,256M,1G
+
+``--blocks`` adds fastxent forward+backward at each of those ``memory`` budgets. In the
+test run (benchmarks disabled) ``bench_linear`` checks fastxent against torch on a small
+shape, once per entry.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from bench_train_step import _reset_peak, _status_kib  # noqa: E402
+
+import fastxent as fx  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "linear.md"
+DEFAULT_SHAPES = "2048x1024x32000,512x1024x128256"
+
+
+# ----------------------------------------------------------------------------
+# Entries: each makes (forward, forward+backward) calls over the same data
+# ----------------------------------------------------------------------------
+
+def make_data(n, h, v, seed=0):
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((n, h), dtype=np.float32)
+    weight = rng.standard_normal((v, h), dtype=np.float32) * np.float32(1 / np.sqrt(h))
+    labels = rng.integers(0, v, n)
+    return hidden, weight, labels
+
+
+def _fastxent(hidden, weight, labels, memory=None):
+    def forward():
+        return fx.linear_cross_entropy(hidden, weight, labels, reduction="mean", memory=memory), ()
+
+    def both():
+        loss, grad = fx.linear_cross_entropy(hidden, weight, labels, reduction="mean", return_grad=True,
+                                             memory=memory)
+        return loss, (grad.hidden, grad.weight)
+    return forward, both
+
+
+def _torch(hidden, weight, labels, chunked):
+    h = torch.from_numpy(hidden).requires_grad_(True)
+    w = torch.from_numpy(weight).requires_grad_(True)
+    y = torch.from_numpy(labels)
+    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
+
+    def loss_of():
+        if chunked:
+            return F.linear_cross_entropy(h, w, y, options=options)
+        return F.cross_entropy(F.linear(h, w), y)
+
+    def forward():
+        with torch.no_grad():
+            return float(loss_of()), ()
+
+    def both():
+        h.grad = w.grad = None
+        loss = loss_of()
+        loss.backward()
+        return float(loss.detach()), (h.grad, w.grad)
+    return forward, both
+
+
+def _matmuls(hidden, weight, labels):
+    n, v = hidden.shape[0], weight.shape[0]
+    grad = np.empty((n, v), np.float32)
+    out_hidden, out_weight = np.empty_like(hidden), np.empty_like(weight)
+    return {
+        "matmul h@W.T": lambda: (np.matmul(hidden, weight.T, out=grad), ()),
+        "matmul G@W": lambda: (np.matmul(grad, weight, out=out_hidden), ()),
+        "matmul G.T@h": lambda: (np.matmul(grad.T, hidden, out=out_weight), ()),
+    }
+
+
+def entries(hidden, weight, labels, blocks=()):
+    """name -> call returning ``(loss, gradients to count as outputs)``."""
+    calls = {}
+    for name, pair in (("fastxent", _fastxent(hidden, weight, labels)),
+                       ("torch linear+CE", _torch(hidden, weight, labels, chunked=False)),
+                       ("torch chunked", _torch(hidden, weight, labels, chunked=True))):
+        calls[f"{name} fwd"], calls[f"{name} fwd+bwd"] = pair
+    for memory in blocks:
+        calls[f"fastxent fwd+bwd memory={memory}"] = _fastxent(hidden, weight, labels, memory)[1]
+    calls.update(_matmuls(hidden, weight, labels))
+    return calls
+
+
+# ----------------------------------------------------------------------------
+# pytest: a smoke run of every entry (benchmarks disabled)
+# ----------------------------------------------------------------------------
+
+def bench_linear(benchmark):
+    hidden, weight, labels = make_data(48, 16, 300)
+    calls = entries(hidden, weight, labels, blocks=("8K",))
+    benchmark.group = "linear|48x16x300|float32"
+    benchmark(calls["fastxent fwd+bwd"])
+    expected, (grad_hidden, grad_weight) = calls["torch linear+CE fwd+bwd"]()
+    for name, call in calls.items():
+        loss, grads = call()
+        if name.startswith("matmul"):
+            continue
+        np.testing.assert_allclose(float(loss), expected, rtol=2e-5, err_msg=name)
+        if grads:
+            np.testing.assert_allclose(np.asarray(grads[0]), grad_hidden.numpy(), rtol=1e-4, atol=1e-6,
+                                       err_msg=name)
+            np.testing.assert_allclose(np.asarray(grads[1]), grad_weight.numpy(), rtol=1e-4, atol=1e-6,
+                                       err_msg=name)
+
+
+# ----------------------------------------------------------------------------
+# Script
+# ----------------------------------------------------------------------------
+
+def time_round_robin(calls, warmup, reps):
+    times = {name: [] for name in calls}
+    order = list(calls)
+    for rep in range(warmup + reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def memory_of(shape, name, blocks):
+    """In a subprocess: peak resident-set increase of one call of entry ``name``, and its gradients' bytes."""
+    calls = entries(*make_data(*shape), blocks=blocks)
+    call = calls[name]
+    call()  # compile, first-touch torch's pools
+    _reset_peak()
+    before = _status_kib("VmRSS")
+    _, grads = call()
+    peak = (_status_kib("VmHWM") - before) * 1024
+    return {"peak": peak, "grads": int(sum(np.asarray(g).nbytes for g in grads))}
+
+
+def _memory_in_subprocess(shape, name, blocks):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    args = [sys.executable, __file__, "--memory-of", name, "--shapes", "x".join(map(str, shape)),
+            "--blocks", ",".join(blocks)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _isa():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    return f"{model}, {'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'}"
+
+
+def render(shape, timing, memory, command):
+    n, h, v = shape
+    mm_fwd = timing["matmul h@W.T"]
+    mm_all = mm_fwd + timing["matmul G@W"] + timing["matmul G.T@h"]
+    lines = [f"### N={n}, H={h}, V={v}, float32 (logits {n * v * 4 / 2**20:.0f} MiB)", "",
+             "| entry | median | / bare matmuls | fastxent speed-up | peak RSS above inputs | above grads |",
+             "|---|---|---|---|---|---|"]
+    for name, seconds in timing.items():
+        kind = "fwd+bwd" if ("fwd+bwd" in name) else "fwd"
+        yardstick = mm_all if kind == "fwd+bwd" else mm_fwd
+        ours = timing[f"fastxent {kind}"]
+        ratio = "" if name.startswith("matmul") else f"{seconds / yardstick:.2f}×"
+        speedup = "" if name.startswith(("matmul", "fastxent")) else f"{seconds / ours:.2f}×"
+        mem = memory.get(name)
+        peak = "" if mem is None else f"{mem['peak'] / 2**20:.0f} MiB"
+        above = "" if mem is None or not mem["grads"] else f"{(mem['peak'] - mem['grads']) / 2**20:.0f} MiB"
+        lines.append(f"| {name} | {seconds * 1e3:.0f} ms | {ratio} | {speedup} | {peak} | {above} |")
+    lines += ["", f"Bare matmuls: forward {mm_fwd * 1e3:.0f} ms, all three {mm_all * 1e3:.0f} ms. "
+              f"fastxent's default memory here: {fx.linear._config.linear_memory(fx.linear._config.physical_memory()) / 2**20:.0f} MiB.", ""]
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="NxHxV,... (default %(default)s)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--blocks", default="", help="memory budgets for extra fastxent fwd+bwd entries, e.g. 64M,1G")
+    parser.add_argument("--no-memory", action="store_true", help="skip the subprocess memory figures")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shapes = [tuple(int(k) for k in s.split("x")) for s in args.shapes.split(",")]
+    blocks = tuple(b for b in args.blocks.split(",") if b)
+    if args.memory_of:
+        print(json.dumps(memory_of(shapes[0], args.memory_of, blocks)))
+        return
+    command = "python bench/bench_linear.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load = os.getloadavg()
+    lines = ["## Linear + cross-entropy from hidden states, CPU", "",
+             f"{_isa()}, {os.cpu_count()} cores, torch {torch.__version__}, numpy {np.__version__}; "
+             f"load average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}. "
+             f"Median of {args.reps} after {args.warmup} warm-up, one process, round-robin.", "",
+             "```", command.strip(), "```", ""]
+    report = {}
+    for shape in shapes:
+        timing = time_round_robin(entries(*make_data(*shape), blocks=blocks), args.warmup, args.reps)
+        memory = {} if args.no_memory else {name: _memory_in_subprocess(shape, name, blocks)
+                                             for name in timing if not name.startswith("matmul")}
+        lines += render(shape, timing, memory, command)
+        report["x".join(map(str, shape))] = {"timing": timing, "memory": memory}
+        print("\n".join(lines[-(len(timing) + 6):]), flush=True)
+    load = os.getloadavg()
+    lines.append(f"Load average after the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
