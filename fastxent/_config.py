@@ -90,6 +90,10 @@ CUDA_SPLIT_BLOCK_THREADS = 256
 CUDA_ELEMENTWISE_BLOCK_THREADS = 256
 CUDA_ELEMENTWISE_BLOCKS_PER_SM = 8
 
+#: Largest grid.x of a row kernel (CUDA's limit); rows beyond it are covered by the
+#: kernels' grid-stride loops (tests patch it down to exercise them).
+CUDA_MAX_GRID = 2**31 - 1
+
 #: Read the device's bad-label flag after each sparse kernel (a synchronisation).
 CUDA_CHECK_LABELS = True
 

@@ -302,7 +302,13 @@ def flag(name, value):
 
 
 def class_weight(value, count, on_device):
-    """``None`` or a finite, non-negative 1-D float64 host array of length C."""
+    """``None`` or a finite 1-D float64 host array of length C.
+
+    Any sign, as in PyTorch (whose own module tests draw weights from [-9, 9]):
+    the losses are linear in the weights, so the kernels need no sign rule. A
+    mean whose denominator ``sum_i w[y_i]`` is zero is still 0.0 (see
+    ``losses._reduce``).
+    """
     if value is None:
         return None
     weights = parameter_array("class_weight", value, on_device)
@@ -311,10 +317,10 @@ def class_weight(value, count, on_device):
     if weights.shape != (count,):
         raise ValueError(f"class_weight has shape {weights.shape}, expected ({count},): one weight per class")
     weights = weights.astype(np.float64)
-    bad = ~np.isfinite(weights) | (weights < 0)
+    bad = ~np.isfinite(weights)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"class_weight[{index}] = {weights[index]} must be finite and >= 0")
+        raise ValueError(f"class_weight[{index}] = {weights[index]} must be finite")
     return weights
 
 

@@ -9,10 +9,12 @@ Same signatures and values as optax (``optax.softmax_cross_entropy``,
 
 How a call runs
 ---------------
-Each loss is a ``jax.custom_vjp`` around ``jax.pure_callback``: JAX hands the
+Each loss is a ``jax.custom_jvp`` around ``jax.pure_callback``: JAX hands the
 (CPU) buffers to fastxent's Numba kernels on the host and gets the results
-back. The functions work under ``jit``, ``grad``, ``value_and_grad`` and
-``vmap``:
+back. The functions work under ``jit``, ``vmap`` and every differentiation
+transform, in both modes and to any order: ``grad``, ``value_and_grad``,
+``jvp``, ``jacfwd``, ``jacrev``, ``hessian`` (``jax.test_util.check_grads``
+with ``order=2, modes=["fwd", "rev"]``, as optax's own tests use it):
 
 * ``vmap_method="broadcast_all"``: the kernels work row by row over any
   leading dimensions, so a vmapped call is one callback over the batched
@@ -21,15 +23,27 @@ back. The functions work under ``jit``, ``grad``, ``value_and_grad`` and
   callback; optax's ``where`` is applied in JAX around the fused op (masked
   scores become ``-inf``, which fastxent treats as masking), so the kernels
   see plain rows.
-* Under differentiation the forward callback runs the fused pass
-  (``return_grad=True``) and keeps the gradient as the residual (logits-sized,
-  in the logits' dtype); the backward is one multiply by the incoming
-  cotangent, fused by XLA. Without differentiation the forward-only kernel runs.
+* The loss's tangent rule runs the fused pass (``return_grad=True``) and
+  returns ``sum_c G_c t_c`` per row, linear in the tangent ``t``: reverse
+  mode transposes it into one multiply of ``G`` by the cotangent (fused by
+  XLA), so a gradient costs the fused pass and nothing more. Without
+  differentiation the forward-only kernel runs.
+* ``G`` itself comes from a second ``custom_jvp`` (the fused callback) whose
+  rule gives the Hessian-vector product: ``p*t - p*(p.t)`` per row (scaled by
+  the labels' sum for soft labels), with ``p`` from a third ``custom_jvp``
+  around fastxent's softmax whose own tangent is again ``p*t - p*(p.t)``; the
+  sigmoid's Hessian diagonal ``s(1-s)`` uses jnp's sigmoid. Every rule is
+  linear in its tangents and closed under differentiation, so second and
+  higher orders compose; the softmax callback runs only where a second-order
+  quantity is asked for (under ``jit`` XLA drops unused callbacks).
 * Host calls are serialised (``fastxent._adapters.HOST_LOCK``): XLA may run
   independent callbacks at the same time, and each kernel uses every core.
-* Soft labels and sigmoid labels get optax's label cotangents too
-  (``-log_softmax(logits)`` and ``-logits``); under ``jit`` XLA drops that work
-  (and its callback) when nobody asks for it.
+* Soft labels and sigmoid labels get optax's label derivatives too
+  (``-log_softmax(logits)`` and ``-logits``), in both modes; the
+  ``log_softmax`` callback runs only when the labels carry a tangent or
+  cotangent. At a score of ``-inf`` (``where`` masking included) the
+  ``log_softmax`` there is taken as the most negative finite number, so a
+  zero label tangent contributes 0 rather than NaN.
 
 The callbacks run on the host: on an accelerator backend JAX copies the
 arrays to the host and back, which works but defeats the purpose; use these
@@ -47,6 +61,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax.custom_derivatives import SymbolicZero
 
 import fastxent as fx
 from fastxent._adapters import host_call
@@ -100,6 +116,10 @@ def _host_log_softmax(logits, *, out_dtype):
     return np.asarray(fx.log_softmax(np.asarray(logits)), dtype=out_dtype)
 
 
+def _host_softmax(logits):
+    return fx.softmax(np.asarray(logits))
+
+
 def _host_sigmoid(logits, labels, *, with_grad):
     logits = np.asarray(logits)
     result = fx.sigmoid_cross_entropy(logits, np.asarray(labels), return_grad=with_grad)
@@ -118,70 +138,220 @@ def _struct(shape, dtype):
 
 
 # ----------------------------------------------------------------------------
-# Fused ops (class axis last) with their VJPs
+# Fused ops (class axis last) with their JVPs
 # ----------------------------------------------------------------------------
+#
+# Each loss is a custom_jvp whose primal is the forward-only callback and whose
+# tangent rule calls a second custom_jvp, the fused (loss, gradient) callback:
+# the loss's tangent is sum_c G_c t_c, linear in t, so JAX transposes it for
+# reverse mode (the cotangent times G, one multiply) and never needs more than
+# the fused pass for first order. The fused op's own rule gives the gradient's
+# tangent, H t, from the probabilities p (a third custom_jvp around fastxent's
+# softmax, whose tangent p*t - p*(p.t) is again in p): every rule is linear in
+# its tangents and closed under differentiation, so jvp, grad, jacfwd, jacrev
+# and hessian compose to any order. Under jit XLA drops the callbacks nobody
+# uses (the softmax one unless second order is asked).
 
-@jax.custom_vjp
+def _acc(dtype):
+    """Accumulation dtype of the tangent sums: float32 for 16-bit, else the dtype."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _row_dot(a, b, dtype):
+    """``sum_c a_c b_c`` over the last axis, accumulated in float32 or wider, as ``dtype``."""
+    acc = _acc(jnp.result_type(a.dtype, b.dtype))
+    return jnp.sum(a.astype(acc) * b.astype(acc), axis=-1).astype(dtype)
+
+
+def _softmax_hvp(p, t):
+    """``(diag(p) - p p^T) t`` per row, in ``t``'s dtype (p is treated through its own rule)."""
+    acc = _acc(t.dtype)
+    pa, ta = p.astype(acc), t.astype(acc)
+    return (pa * ta - pa * jnp.sum(pa * ta, axis=-1, keepdims=True)).astype(t.dtype)
+
+
+def _is_zero(tangent):
+    return isinstance(tangent, SymbolicZero)
+
+
+@jax.custom_jvp
+def _softmax_op(logits):
+    return _callback(_host_softmax, _struct(logits.shape, logits.dtype), logits)
+
+
+@_softmax_op.defjvp
+def _softmax_jvp(primals, tangents):
+    (logits,), (tangent,) = primals, tangents
+    p = _softmax_op(logits)
+    return p, _softmax_hvp(p, tangent)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _log_softmax_op(logits, out_dtype):
+    return _callback(_host_log_softmax, _struct(logits.shape, out_dtype), logits, out_dtype=out_dtype)
+
+
+@_log_softmax_op.defjvp
+def _log_softmax_jvp(out_dtype, primals, tangents):
+    (logits,), (tangent,) = primals, tangents
+    p = _softmax_op(logits)
+    acc = _acc(tangent.dtype)
+    ta = tangent.astype(acc)
+    tangent_out = ta - jnp.sum(p.astype(acc) * ta, axis=-1, keepdims=True)
+    return _log_softmax_op(logits, out_dtype), tangent_out.astype(out_dtype)
+
+
+# Integer labels -------------------------------------------------------------
+
+def _sparse_loss_struct(logits):
+    return _struct(logits.shape[:-1], logits.dtype)
+
+
+@jax.custom_jvp
 def _sparse_op(logits, labels):
-    return _callback(_host_sparse, _struct(logits.shape[:-1], logits.dtype), logits, labels,
+    return _callback(_host_sparse, _sparse_loss_struct(logits), logits, labels,
                      loss_dtype=logits.dtype, with_grad=False)
 
 
-def _sparse_fwd(logits, labels):
-    loss, grad = _callback(_host_sparse, (_struct(logits.shape[:-1], logits.dtype), _struct(logits.shape, logits.dtype)),
-                           logits, labels, loss_dtype=logits.dtype, with_grad=True)
-    return loss, grad
+@jax.custom_jvp
+def _sparse_fused(logits, labels):
+    return _callback(_host_sparse, (_sparse_loss_struct(logits), _struct(logits.shape, logits.dtype)),
+                     logits, labels, loss_dtype=logits.dtype, with_grad=True)
 
 
-def _sparse_bwd(grad, cotangent):
-    return (grad * cotangent[..., None].astype(grad.dtype), None)
+@_sparse_op.defjvp
+def _sparse_jvp(primals, tangents):
+    logits, labels = primals
+    loss, grad = _sparse_fused(logits, labels)
+    return loss, _row_dot(grad, tangents[0], loss.dtype)
 
 
-_sparse_op.defvjp(_sparse_fwd, _sparse_bwd)
+@_sparse_fused.defjvp
+def _sparse_fused_jvp(primals, tangents):
+    logits, labels = primals
+    tangent = tangents[0]
+    loss, grad = _sparse_fused(logits, labels)
+    hvp = _softmax_hvp(_softmax_op(logits), tangent)  # one-hot labels: H = diag(p) - p p^T
+    return (loss, grad), (_row_dot(grad, tangent, loss.dtype), hvp)
 
 
-@jax.custom_vjp
+# Soft labels ----------------------------------------------------------------
+
+def _soft_structs(logits, labels):
+    loss_dtype = jnp.result_type(logits.dtype, labels.dtype)
+    return _struct(logits.shape[:-1], loss_dtype), _struct(logits.shape, logits.dtype)
+
+
+@jax.custom_jvp
 def _soft_op(logits, labels):
-    loss_dtype = jnp.result_type(logits.dtype, labels.dtype)
-    return _callback(_host_soft, _struct(logits.shape[:-1], loss_dtype), logits, labels,
-                     loss_dtype=loss_dtype, with_grad=False)
+    loss_struct, _ = _soft_structs(logits, labels)
+    return _callback(_host_soft, loss_struct, logits, labels, loss_dtype=loss_struct.dtype, with_grad=False)
 
 
-def _soft_fwd(logits, labels):
-    loss_dtype = jnp.result_type(logits.dtype, labels.dtype)
-    loss, grad = _callback(_host_soft, (_struct(logits.shape[:-1], loss_dtype), _struct(logits.shape, logits.dtype)),
-                           logits, labels, loss_dtype=loss_dtype, with_grad=True)
-    return loss, (grad, logits, jnp.zeros((), labels.dtype))
+@jax.custom_jvp
+def _soft_fused(logits, labels):
+    loss_struct, grad_struct = _soft_structs(logits, labels)
+    return _callback(_host_soft, (loss_struct, grad_struct), logits, labels, loss_dtype=loss_struct.dtype,
+                     with_grad=True)
 
 
-def _soft_bwd(residuals, cotangent):
-    grad, logits, labels_like = residuals
-    labels_dtype = labels_like.dtype
-    cotangent = cotangent[..., None]
-    log_probs = _callback(_host_log_softmax, _struct(logits.shape, labels_dtype), logits, out_dtype=labels_dtype)
-    return grad * cotangent.astype(grad.dtype), (-cotangent * log_probs).astype(labels_dtype)
+def _soft_loss_tangent(logits, labels, grad, loss_dtype, logits_tangent, labels_tangent):
+    """``sum_c G_c t_c - sum_c log_softmax(x)_c s_c`` (optax's label derivative), zeros skipped.
+
+    Where a score is -inf (``where`` masking included) ``log_softmax`` is taken as
+    the most negative finite value rather than -inf, so that a zero label tangent
+    there adds 0 (not ``-inf * 0 = NaN``) and a cotangent is large, not infinite.
+    """
+    tangent = jnp.zeros(grad.shape[:-1], loss_dtype)
+    if not _is_zero(logits_tangent):
+        tangent = tangent + _row_dot(grad, logits_tangent, loss_dtype)
+    if not _is_zero(labels_tangent):
+        log_p = _log_softmax_op(logits, labels.dtype)
+        log_p = jnp.where(jnp.isneginf(log_p), jnp.finfo(log_p.dtype).min, log_p)
+        tangent = tangent - _row_dot(log_p, labels_tangent, loss_dtype)
+    return tangent
 
 
-_soft_op.defvjp(_soft_fwd, _soft_bwd)
+def _soft_jvp(primals, tangents):
+    logits, labels = primals
+    loss, grad = _soft_fused(logits, labels)
+    return loss, _soft_loss_tangent(logits, labels, grad, loss.dtype, *tangents)
 
 
-@jax.custom_vjp
+_soft_op.defjvp(_soft_jvp, symbolic_zeros=True)
+
+
+def _soft_fused_jvp(primals, tangents):
+    logits, labels = primals
+    logits_tangent, labels_tangent = tangents
+    loss, grad = _soft_fused(logits, labels)
+    loss_tangent = _soft_loss_tangent(logits, labels, grad, loss.dtype, logits_tangent, labels_tangent)
+    # grad = p sum(y) - y:  d grad = sum(y) H t + p sum(s) - s.
+    acc = _acc(grad.dtype)
+    grad_tangent = jnp.zeros(grad.shape, acc)
+    if not (_is_zero(logits_tangent) and _is_zero(labels_tangent)):
+        p = _softmax_op(logits)
+    if not _is_zero(logits_tangent):
+        total = jnp.sum(labels.astype(acc), axis=-1, keepdims=True)
+        grad_tangent = grad_tangent + total * _softmax_hvp(p, logits_tangent).astype(acc)
+    if not _is_zero(labels_tangent):
+        s = labels_tangent.astype(acc)
+        grad_tangent = grad_tangent + p.astype(acc) * jnp.sum(s, axis=-1, keepdims=True) - s
+    return (loss, grad), (loss_tangent, grad_tangent.astype(grad.dtype))
+
+
+_soft_fused.defjvp(_soft_fused_jvp, symbolic_zeros=True)
+
+
+# Sigmoid --------------------------------------------------------------------
+
+@jax.custom_jvp
 def _sigmoid_op(logits, labels):
     return _callback(_host_sigmoid, _struct(logits.shape, logits.dtype), logits, labels, with_grad=False)
 
 
-def _sigmoid_fwd(logits, labels):
-    loss, grad = _callback(_host_sigmoid, (_struct(logits.shape, logits.dtype), _struct(logits.shape, logits.dtype)),
-                           logits, labels, with_grad=True)
-    return loss, (grad, logits)
+@jax.custom_jvp
+def _sigmoid_fused(logits, labels):
+    return _callback(_host_sigmoid, (_struct(logits.shape, logits.dtype), _struct(logits.shape, logits.dtype)),
+                     logits, labels, with_grad=True)
 
 
-def _sigmoid_bwd(residuals, cotangent):
-    grad, logits = residuals
-    return grad * cotangent, -cotangent * logits
+def _sigmoid_loss_tangent(logits, grad, logits_tangent, labels_tangent):
+    """``G t - x s`` elementwise (optax's label derivative is ``-x``), zeros skipped."""
+    tangent = jnp.zeros(grad.shape, grad.dtype)
+    if not _is_zero(logits_tangent):
+        tangent = tangent + grad * logits_tangent
+    if not _is_zero(labels_tangent):
+        tangent = tangent - logits * labels_tangent
+    return tangent
 
 
-_sigmoid_op.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+def _sigmoid_jvp(primals, tangents):
+    logits, _ = primals
+    loss, grad = _sigmoid_fused(*primals)
+    return loss, _sigmoid_loss_tangent(logits, grad, *tangents)
+
+
+_sigmoid_op.defjvp(_sigmoid_jvp, symbolic_zeros=True)
+
+
+def _sigmoid_fused_jvp(primals, tangents):
+    # grad = sigmoid(x) - z: d grad = s (1 - s) t - dz, the Hessian's diagonal
+    # (fastxent.sigmoid_cross_entropy_hessian_diag) from jnp's sigmoid, which JAX
+    # differentiates natively.
+    logits, labels = primals
+    logits_tangent, labels_tangent = tangents
+    loss, grad = _sigmoid_fused(logits, labels)
+    grad_tangent = jnp.zeros(grad.shape, grad.dtype)
+    if not _is_zero(logits_tangent):
+        s = jax.nn.sigmoid(logits)
+        grad_tangent = grad_tangent + s * (1 - s) * logits_tangent
+    if not _is_zero(labels_tangent):
+        grad_tangent = grad_tangent - labels_tangent
+    return (loss, grad), (_sigmoid_loss_tangent(logits, grad, logits_tangent, labels_tangent), grad_tangent)
+
+
+_sigmoid_fused.defjvp(_sigmoid_fused_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------

@@ -200,7 +200,8 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
     ignore_index : int or None
         Label value whose rows are skipped (PyTorch uses -100).
     class_weight : array (C,) or None
-        Finite, non-negative weight per class.
+        Finite weight per class, any sign (as in PyTorch); ``"mean"`` divides by
+        ``sum_i w[y_i]`` over the counted rows, and is 0.0 when that sum is 0.
     label_smoothing : float in [0, 1]
     z_loss : float >= 0
         PaLM's auxiliary ``z_loss * lse**2`` per counted row.

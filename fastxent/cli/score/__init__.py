@@ -1,0 +1,83 @@
+"""``fastxent score``: per-row scoring of ``.npy`` files larger than memory.
+
+This module holds the subcommand's options and runs it; the parts, one job each:
+
+* :mod:`.inputs`: the input files opened and checked (the one place inputs are read);
+* :mod:`.files`: memory pages released as chunks are used; the output written, then renamed;
+* :mod:`.pipeline`: :func:`score_file`, the steps: checks, chunk plan, streaming, reductions.
+"""
+
+import argparse
+import signal
+import sys
+
+from ..common import Progress
+from .pipeline import REFERENCE_BYTES_PER_SCORE, score_file
+
+__all__ = ["add_parser", "command", "score_file"]
+
+EPILOG = f"""\
+memory: the logits are memory-mapped and scored CHUNK rows of the first axis
+at a time, with
+    CHUNK = MEMORY // (bytes of one row of logits
+                       [x2 when the class axis is not last: the kernels copy it]
+                       + labels + the library's per-row results + the fields written
+                       [+ {REFERENCE_BYTES_PER_SCORE} bytes per score with --backend numpy, its float64 work arrays])
+and the pages of each chunk are released (madvise) once it is scored, so the
+peak resident memory is about the budget plus the interpreter, numpy, numba
+and the compiled kernels (~150-250 MB), whatever the size of the files.
+
+fields (per row): loss, lse, target_logprob, entropy, argmax, correct
+(fastxent.score); loss alone calls fastxent.sparse_softmax_cross_entropy.
+reduction sum|mean: loss, target_logprob and correct over the rows that are not
+--ignore-index (mean of correct = accuracy), lse and entropy over every row;
+the scalars (float64) are printed, and written when -o is given.
+"""
+
+
+def add_parser(commands):
+    """Add ``score`` and its options to the ``fastxent`` subcommands."""
+    parser = commands.add_parser(
+        "score", help="score .npy files larger than memory, row by row",
+        description="Per-row scores of LOGITS.npy against integer LABELS.npy, streamed in chunks "
+                    "under a memory budget. The result goes to a temporary file beside OUT, "
+                    "renamed at the end: an interrupted run leaves no partial output.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logits", metavar="LOGITS.npy", help="float16/bfloat16/float32/float64 scores")
+    parser.add_argument("labels", metavar="LABELS.npy",
+                        help="integer class ids, the logits' shape without the class axis")
+    parser.add_argument("-o", "--output", metavar="OUT",
+                        help="OUT.npy (one field) or OUT.npz (any); optional with --reduction sum|mean")
+    parser.add_argument("--fields", default="loss", help="comma-separated (default: loss)")
+    parser.add_argument("--reduction", default="none", choices=("none", "sum", "mean"))
+    parser.add_argument("--ignore-index", type=int, default=None, metavar="N",
+                        help="rows with this label score 0 and are not counted (e.g. -100)")
+    parser.add_argument("--axis", type=int, default=-1,
+                        help="the class axis (default -1); not 0: the first axis is the one streamed")
+    parser.add_argument("--backend", default=None, help="numba (default on the host), numpy, or cupy")
+    parser.add_argument("--memory", default="256M",
+                        help="memory budget for a chunk, e.g. 64M, 1G (default 256M); see below")
+    parser.add_argument("--bfloat16", action="store_true",
+                        help="read 2-byte logits (raw '|V2', uint16 or int16 items, as np.save writes "
+                             "ml_dtypes.bfloat16) as bfloat16")
+    parser.set_defaults(func=command)
+
+
+def command(args):
+    """Run ``fastxent score``; return the exit status."""
+    def on_sigterm(signum, frame):  # noqa: ARG001 -- clean up like Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        summary = score_file(
+            args.logits, args.labels, args.output,
+            fields=args.fields, reduction=args.reduction, ignore_index=args.ignore_index,
+            axis=args.axis, backend=args.backend, memory=args.memory, bfloat16=args.bfloat16,
+            progress=lambda total: Progress(total, unit="row"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for line in summary["stdout"]:
+        print(line)
+    print(summary["summary"], file=sys.stderr)
+    return 0

@@ -1,0 +1,151 @@
+"""The inputs of ``fastxent score``: opened, checked, one line naming the file for each problem.
+
+:func:`open_inputs` is the one place the pipeline reads its inputs: it turns
+the paths into arrays with ``.shape``, ``.dtype`` and ``__getitem__`` (today
+read-only memory maps of ``.npy`` files), after checking that each file is
+whole and of a dtype fastxent scores. :func:`check_shapes` and
+:func:`first_bad_label` check the arrays against each other and the labels'
+range, before anything is written.
+"""
+
+import os
+import re
+
+import numpy as np
+
+from ... import _dtypes, _validate
+from ..common import CommandError
+from .files import Pages
+
+
+def open_inputs(logits_path, labels_path, *, bfloat16=False):
+    """``(logits, labels)``: the arrays of the two files, their dtypes checked.
+
+    ``bfloat16``: read 2-byte raw items of the logits as ``ml_dtypes.bfloat16``.
+    """
+    logits = _check_logits(logits_path, open_npy(logits_path), bfloat16)
+    labels = _check_labels(labels_path, open_npy(labels_path))
+    return logits, labels
+
+
+def _describe_dtype(dtype):
+    return dtype.name if dtype.names is None else str(dtype)
+
+
+def open_npy(path):
+    """A read-only memory map of the ``.npy`` file ``path``, after checking it is whole."""
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 -- closed below
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CommandError(f"{path}: is a directory, not a .npy file") from None
+    except PermissionError:
+        raise CommandError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+        except (ValueError, OSError) as exc:
+            raise CommandError(f"{path}: not a .npy file ({exc})") from None
+        try:
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format._read_array_header(handle, version)
+        except (ValueError, OSError, SyntaxError) as exc:
+            raise CommandError(f"{path}: corrupt .npy header ({exc})") from None
+        data_start = handle.tell()
+    if dtype.hasobject:
+        raise CommandError(f"{path}: holds Python objects (a pickled array), not numbers")
+    if fortran and len(shape) > 1:
+        raise CommandError(f"{path}: is stored in Fortran order; rows must be contiguous to stream "
+                           "them (rewrite it with np.save(path, np.ascontiguousarray(a)))")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = os.path.getsize(path)
+    if size - data_start < expected:
+        raise CommandError(
+            f"{path}: truncated: its header promises {_describe_dtype(dtype)} of shape {tuple(shape)} "
+            f"({expected:,} bytes of data) but the file holds {max(0, size - data_start):,}")
+    if expected == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise CommandError(f"{path}: cannot map it ({exc})") from None
+
+
+def _check_logits(path, logits, bfloat16):
+    dtype = logits.dtype
+    if bfloat16:
+        if dtype.itemsize != 2 or dtype.kind not in "Viu" or _dtypes.is_bfloat16(dtype):
+            if _dtypes.is_bfloat16(dtype):
+                return logits
+            raise CommandError(f"{path}: --bfloat16 reads 2-byte raw items (|V2, uint16, int16), "
+                               f"but the file holds {_describe_dtype(dtype)}")
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise CommandError("--bfloat16 needs ml_dtypes: pip install 'fastxent[bfloat16]'") from None
+        return logits.view(ml_dtypes.bfloat16)
+    if _dtypes.is_score_dtype(dtype):
+        return logits
+    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.names is None:
+        raise CommandError(f"{path}: holds 2-byte raw items (|V2), which is how np.save writes "
+                           "bfloat16; pass --bfloat16 to read them as bfloat16")
+    kind = {"i": "integer", "u": "integer", "b": "boolean", "c": "complex", "U": "text", "S": "bytes",
+            "M": "datetime", "m": "timedelta", "V": "raw/structured"}.get(dtype.kind, "non-float")
+    raise CommandError(f"{path}: logits must be float16, bfloat16, float32 or float64 scores, "
+                       f"got {kind} dtype {_describe_dtype(dtype)}")
+
+
+def _check_labels(path, labels):
+    dtype = labels.dtype
+    if dtype.kind in "iu":
+        return labels
+    if dtype.kind in "fb" or _dtypes.is_bfloat16(dtype):
+        hint = "; cast them with .astype(np.int64) if they are class ids"
+        raise CommandError(f"{path}: labels must be integer class ids, got {dtype.name}{hint}")
+    raise CommandError(f"{path}: labels must be integer class ids, got non-numeric dtype "
+                       f"{_describe_dtype(dtype)}")
+
+
+def check_shapes(logits, labels, axis, logits_path, labels_path):
+    """The class axis (``0 <= ax < logits.ndim``, not the streamed first axis) once the shapes agree."""
+    if logits.ndim < 2:
+        raise CommandError(f"{logits_path}: logits of shape {logits.shape} have no row axis to stream "
+                           "(need at least 2 dimensions: rows and classes)")
+    if not -logits.ndim <= axis < logits.ndim:
+        raise CommandError(f"--axis {axis} is out of range for {logits_path} of shape {logits.shape}")
+    ax = axis % logits.ndim
+    if ax == 0:
+        raise CommandError(
+            f"--axis {axis} puts the classes of {logits_path} (shape {logits.shape}) on the first axis, "
+            "the one streamed; save the logits with the classes on another axis "
+            "(np.save(path, np.moveaxis(a, 0, -1))) or score them in memory with fastxent.score")
+    expected = logits.shape[:ax] + logits.shape[ax + 1:]
+    if labels.shape != expected:
+        if labels.ndim == len(expected) and labels.shape[0] != logits.shape[0]:
+            problem = (f"{labels_path}: holds {labels.shape[0]:,} rows but {logits_path} holds "
+                       f"{logits.shape[0]:,}")
+        else:
+            problem = f"{labels_path}: shape {labels.shape} does not match {logits_path}"
+        raise CommandError(f"{problem} (expected labels of shape {expected}: the logits' shape "
+                           f"{logits.shape} without class axis {ax})")
+    return ax
+
+
+def first_bad_label(labels, num_classes, ignore_index, chunk_rows):
+    """Scan the labels chunk by chunk for one outside ``[0, C)``; fastxent's message or None."""
+    pages = Pages(labels, sequential=True)
+    for start in range(0, labels.shape[0], chunk_rows):
+        stop = min(labels.shape[0], start + chunk_rows)
+        message = _validate.bad_label_message(labels[start:stop], num_classes, ignore_index)
+        pages.release_rows(stop)
+        if message is not None:
+            # The library numbers rows within the chunk it was given: renumber in the file.
+            return re.sub(r"^labels\[(\d+)", lambda m: f"labels[{int(m.group(1)) + start}", message)
+    return None
