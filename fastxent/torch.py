@@ -142,6 +142,7 @@ _REDUCTIONS = ("none", "mean", "sum")
 #: where a test (or a user) has put fastxent's functions in their place.
 _torch_cross_entropy = F.cross_entropy
 _torch_bce_with_logits = F.binary_cross_entropy_with_logits
+_torch_linear_cross_entropy = F.linear_cross_entropy
 
 
 # ----------------------------------------------------------------------------
@@ -856,87 +857,76 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
 # linear_cross_entropy (PyTorch 2.13's torch.nn.functional.linear_cross_entropy)
 # ----------------------------------------------------------------------------
 
-def _linear_fallback_reason(input, linear_weight, target, weight):
+def _linear_fallback_reason(input, linear_weight, linear_bias, target, weight):
     """Why a call goes to torch's own function (None: fastxent runs it)."""
     if input.dim() not in (1, 2) or linear_weight.dim() != 2:
         return "shapes"   # torch raises, or a K-dimensional loss
     if target.shape == (*input.shape[:-1], linear_weight.shape[0]) or target.is_floating_point():
         return "class probabilities"
-    if _any_requires_grad(target, weight):
-        return "gradient of target or weight"
+    if _torch_derivatives(target, weight):
+        return "derivatives of target or weight"
+    if any(_is_wrapped(t) or _has_tangent(t) for t in (input, linear_weight, linear_bias)):
+        return "torch.func transforms and forward mode"
     return None
 
 
-def _linear_zero_denominator(input, linear_weight, linear_bias, target, ignore_index, need_grad):
-    """torch's results for a mean over a zero denominator: loss NaN; the logits' gradient is
-    0 on ignored rows and NaN on counted ones, so the products are NaN where those reach."""
-    loss = _nan(input.dtype, input.device)
-    if not need_grad:
-        return loss, None
-    counted = target != ignore_index
-    grad_input = torch.zeros_like(input).masked_fill_(counted.unsqueeze(-1), math.nan)
-    fill = math.nan if bool(counted.any()) else 0.0
-    grads = (grad_input, torch.full_like(linear_weight, fill),
-             None if linear_bias is None else torch.full_like(linear_bias, fill))
-    return loss, grads
+def _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, need_grad, grad_output=None):
+    """``(loss, (grad_input, grad_weight, grad_bias) or None)`` as tensors, torch's semantics.
 
-
-def _linear_arrays(input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                   z_loss, softcap, memory, need_grad, grad_output=None):
-    """``(loss, (grad_input, grad_weight, grad_bias) or None)`` as tensors, torch's semantics."""
+    A ``"mean"`` whose denominator is zero is a division by zero, as in torch (the
+    public function hands such a call to torch's own function unless it has
+    fastxent's extras)."""
     if target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target holds class indices and must be an integer tensor, got {target.dtype}")
-    if reduction == "mean":
-        denominator, _ = _counted_weight(target.reshape(-1), weight, ignore_index, linear_weight.shape[0])
-        if denominator == 0.0:
-            with _on_stream_of(input):  # validation only
-                fx.linear_cross_entropy(_as_array(input), _as_array(linear_weight), _as_array(target),
-                                        _optional_array(linear_bias), ignore_index=ignore_index,
-                                        class_weight=_optional_array(weight), memory=memory)
-            return _linear_zero_denominator(input, linear_weight, linear_bias, target, ignore_index, need_grad)
+    reduction = spec.reduction
+    if reduction == "mean" and _counted_weight(target, weight, spec.ignore_index, linear_weight.shape[0]) == 0.0:
+        reduction = "sum"
     with _on_stream_of(input):
         result = fx.linear_cross_entropy(
             _as_array(input), _as_array(linear_weight), _as_array(target), _optional_array(linear_bias),
-            ignore_index=ignore_index, class_weight=_optional_array(weight), label_smoothing=label_smoothing,
-            z_loss=z_loss, softcap=softcap, reduction=reduction, return_grad=need_grad,
-            grad_output=_optional_array(grad_output), memory=memory)
-    if not need_grad:
-        return _as_tensor(result).to(input.dtype), None
-    loss, grad = result
-    return _as_tensor(loss).to(input.dtype), tuple(None if g is None else _as_tensor(g) for g in grad)
+            ignore_index=spec.ignore_index, class_weight=_optional_array(weight),
+            label_smoothing=spec.label_smoothing, z_loss=spec.z_loss, softcap=spec.softcap, reduction=reduction,
+            return_grad=need_grad, grad_output=_optional_array(grad_output), memory=memory)
+    loss, grads = result if need_grad else (result, None)
+    loss = _as_tensor(loss).to(input.dtype)
+    grads = None if grads is None else tuple(None if g is None else _as_tensor(g) for g in grads)
+    if reduction != spec.reduction:
+        loss = loss / 0.0
+        grads = None if grads is None else tuple(None if g is None else g / 0.0 for g in grads)
+    return loss, grads
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Linear layer + cross-entropy in blocks. A reduced loss's forward computes the three
-    gradients and backward scales them; ``reduction="none"`` needs the incoming gradient
-    of every row, so its backward runs the blocks again with it (as torch's chunked path)."""
+    """Linear layer + cross-entropy in blocks, reverse mode (as torch's chunked path). A
+    reduced loss's forward computes the three gradients and backward scales them;
+    ``reduction="none"`` needs each row's incoming gradient, so its backward runs the
+    blocks again with it."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, reduction, ignore_index, label_smoothing,
-                z_loss, softcap, memory):
-        ctx.options = (target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, memory)
-        if reduction == "none":
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, spec, memory):
+        ctx.arguments = (target, weight, spec, memory)
+        if spec.reduction == "none":
             ctx.save_for_backward(input, linear_weight, linear_bias)
-            loss, _ = _linear_arrays(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-                                     label_smoothing, z_loss, softcap, memory, need_grad=False)
-            return loss
-        loss, grads = _linear_arrays(input, linear_weight, linear_bias, target, weight, reduction, ignore_index,
-                                     label_smoothing, z_loss, softcap, memory, need_grad=True)
+            return _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, False)[0]
+        loss, grads = _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, True)
         ctx.save_for_backward(*grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        _first_order_only("linear_cross_entropy")
-        target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, memory = ctx.options
-        if reduction == "none":
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fastxent.torch.linear_cross_entropy does not support double backward (create_graph=True): "
+                "its backward hands over gradients computed by the blocks, constants in the inputs; use "
+                "torch.nn.functional.linear_cross_entropy with options=None where second derivatives are needed")
+        target, weight, spec, memory = ctx.arguments
+        if spec.reduction == "none":
             input, linear_weight, linear_bias = ctx.saved_tensors
-            _, grads = _linear_arrays(input, linear_weight, linear_bias, target, weight, "none", ignore_index,
-                                      label_smoothing, z_loss, softcap, memory, need_grad=True,
-                                      grad_output=grad_output.detach())
+            _, grads = _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, True,
+                                      grad_output=grad_output)
         else:
             grads = tuple(None if g is None else _scaled(g, grad_output, None) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 @torch.compiler.disable
@@ -955,11 +945,14 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     the blocks again with the incoming gradient of each row.
 
     As in torch: ``input`` is (H,) or (N, H); ``target`` class indices ((), (N,));
-    ``ignore_index`` None means -100; ``weight`` rescales the classes; a mean over nothing
-    is NaN. ``options`` (a ``torch.nn.LinearCrossEntropyOptions``) is accepted and not
-    used: the blocks follow ``memory``. Calls fastxent does not run go to torch's own
-    function: class-probability targets, K-dimensional ``linear_weight``, and a
-    ``target`` or ``weight`` that requires grad.
+    ``ignore_index`` None means -100; ``weight`` rescales the classes (any sign); a mean
+    over a zero denominator is torch's division by zero. ``options`` (a
+    ``torch.nn.LinearCrossEntropyOptions``) is accepted and not used: the blocks follow
+    ``memory``. Reverse mode only, like torch's chunked path: double backward raises.
+    Calls fastxent does not run go to torch's own function: class-probability targets,
+    a K-dimensional ``linear_weight``, a ``target`` or ``weight`` that requires grad, a
+    mean over a zero denominator, and ``torch.func`` transforms or forward-mode tangents
+    (to its reference path, ``options=None``, which supports them).
 
     Parameters
     ----------
@@ -992,20 +985,23 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         _check_tensor(name, value)
     if options is not None and not isinstance(options, torch.nn.LinearCrossEntropyOptions):
         raise TypeError(f"options must be a torch.nn.LinearCrossEntropyOptions or None, got {type(options).__name__}")
-    if _linear_fallback_reason(input, linear_weight, target, weight) is not None:
+    reason = _linear_fallback_reason(input, linear_weight, linear_bias, target, weight)
+    spec = _Spec(-100 if ignore_index is None else ignore_index, _reduction_of(None, None, reduction),
+                 label_smoothing, z_loss, softcap)
+    if reason is None and spec.reduction == "mean" and not z_loss and softcap is None and _counted_weight(
+            target, weight, spec.ignore_index, linear_weight.shape[0]) == 0.0:
+        reason = "a mean over a zero denominator"  # torch's division by zero, its gradients
+    if reason is not None:
         if z_loss or softcap is not None:
-            raise ValueError("z_loss and softcap apply to class-index targets of a 2-D linear_weight that, like "
-                             "the weight, do not require grad")
-        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
-                                      reduction=reduction, ignore_index=ignore_index,
-                                      label_smoothing=label_smoothing, options=options)
-    reduction = _reduction_of(None, None, reduction)
-    ignore_index = -100 if ignore_index is None else ignore_index
-    arguments = (target, weight, reduction, ignore_index, label_smoothing, z_loss, softcap, memory)
-    if _any_requires_grad(input, linear_weight, linear_bias):
-        return _LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, *arguments)
-    loss, _ = _linear_arrays(input, linear_weight, linear_bias, *arguments, need_grad=False)
-    return loss
+            raise ValueError(f"z_loss and softcap are fastxent extras, and this call goes to torch's own "
+                             f"function ({reason})")
+        return _torch_linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing,
+            options=None if reason == "torch.func transforms and forward mode" else options)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)):
+        return _LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, spec, memory)
+    return _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, False)[0]
 
 
 class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):

@@ -154,3 +154,34 @@ def test_errors():
     loss = fxt.linear_cross_entropy(hidden, weight, target, linear_bias=linear_bias)
     with pytest.raises(RuntimeError, match="does not support double backward"):
         torch.autograd.grad(loss, hidden, create_graph=True)
+
+
+def test_head_only_training_and_negative_class_weights():
+    """Only the head requires grad (frozen features); class weights of any sign, as torch."""
+    hidden, weight, linear_bias, target = make(torch.float64)
+    class_weight = torch.linspace(-1.0, 2.0, C, dtype=torch.float64)
+    frozen = hidden.detach()
+    losses, grads = [], []
+    for function in (fxt.linear_cross_entropy, F.linear_cross_entropy):
+        head = weight.detach().clone().requires_grad_(True)
+        loss = function(frozen, head, target, weight=class_weight, reduction="sum")
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(head.grad)
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_torch_func_and_forward_mode_go_to_torch():
+    hidden, weight, linear_bias, target = make(torch.float64)
+    h, w = hidden.detach(), weight.detach()
+
+    def ours(h):
+        return fxt.linear_cross_entropy(h, w, target)
+
+    def theirs(h):
+        return F.linear_cross_entropy(h, w, target)
+
+    torch.testing.assert_close(torch.func.grad(ours)(h), torch.func.grad(theirs)(h))
+    tangent = torch.ones_like(h)
+    torch.testing.assert_close(torch.func.jvp(ours, (h,), (tangent,))[1], torch.func.jvp(theirs, (h,), (tangent,))[1])
