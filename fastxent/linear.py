@@ -297,7 +297,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=None
     loss = xp.empty(labels.shape, dtype=_dtypes.loss_dtype(call.hidden.dtype))
     for start, stop, rows, logits in blocks:
         block_scale = scale if scale is None or isinstance(scale, float) else scale[start:stop]
-        with check.device_labels(labels[start:stop], logits.shape[1], call.ignore_index):
+        with check.device_labels(call.labels, logits.shape[1], call.ignore_index):
             loss[start:stop], grad = kernel(logits, labels[start:stop], call.ignore_index, class_weight,
                                             label_smoothing, z_loss, softcap, block_scale, inplace=True)
         if grads is not None:
@@ -351,7 +351,7 @@ def linear_score(hidden, weight, labels, bias=None, *, ignore_index=None, memory
                                                                           np.bool_)))
     kernel = _dispatch.backend_module(call.backend).score
     for start, stop, _, logits in _Blocks(call, with_grad=False):
-        with check.device_labels(labels[start:stop], logits.shape[1], call.ignore_index):
+        with check.device_labels(call.labels, logits.shape[1], call.ignore_index):
             block = kernel(logits, labels[start:stop], call.ignore_index)
         for field, part in zip(fields, block):
             field[start:stop] = part
