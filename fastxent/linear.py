@@ -23,7 +23,7 @@ Validation, dispatch and reductions are the public layer's own (``_validate``,
 
 Memory, beyond the inputs and the outputs: the buffer, ``B * V`` elements of the
 accumulation dtype, plus, for 16-bit inputs, two ``(B, H)`` float32 scratches, plus the
-scratch of :class:`fastxent._gemm.ProductSum` where SciPy's BLAS is not used, plus ``V``
+scratch of :class:`fastxent._gemm.ProductSum` where no BLAS adds in place, plus ``V``
 floats for the bias: all within ``memory``; and O(N) per-row values. B is at least one
 row, whatever the budget. 16-bit inputs: numpy and this path multiply in float32, so
 the weight is widened once (``V * H * 4`` bytes, outside the budget) and ``grad_weight``
@@ -158,7 +158,7 @@ class _Blocks:
 class _Gradients:
     """``grad_hidden``, ``grad_weight`` and ``grad_bias``, folded in block by block from G."""
 
-    def __init__(self, call, blocks, use_blas=True):
+    def __init__(self, call, blocks):
         xp = self.xp = call.xp
         self.call = call
         self.blocks = blocks
@@ -167,7 +167,7 @@ class _Gradients:
         self.hidden_rows = self.hidden.reshape(blocks.rows.shape)
         self.narrowed = None if call.hidden.dtype == acc else xp.empty(blocks.widened.shape, dtype=acc)
         self.weight = xp.zeros(call.weight.shape, dtype=acc)
-        self.products = _gemm.ProductSum(self.weight, xp, use_blas)
+        self.products = _gemm.ProductSum(self.weight, xp)
         self.bias = None if call.bias is None else xp.zeros(call.bias.shape, dtype=acc)
         self.column_sum = None if call.bias is None else xp.empty(call.bias.shape, dtype=acc)
 

@@ -201,29 +201,48 @@ def test_numba_inplace_gradient_over_the_logits(dtype, option):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_product_sum_routes_agree_with_numpy(dtype, monkeypatch):
-    """BLAS gemm with beta = 1 (SciPy) and the scratch route add the same products."""
+    """Each route (numpy's own BLAS through ctypes, SciPy's, the scratch) adds the same
+    products, contiguous rows or strided ones."""
     rng = np.random.default_rng(4)
     start = rng.standard_normal((V, H)).astype(dtype)
-    blocks = [(rng.standard_normal((n, V)).astype(dtype), rng.standard_normal((n, H)).astype(dtype))
+    blocks = [(rng.standard_normal((n, V)).astype(dtype), rng.standard_normal((n, 2 * H)).astype(dtype)[:, ::2])
               for n in (5, 1, 7)]
     expected = start.astype(np.float64) + sum(a.astype(np.float64).T @ b for a, b in blocks)
     monkeypatch.setattr(_gemm._config, "LINEAR_ACCUMULATE_ROWS", 64)  # four slices of 203 rows
-    for use_blas in (True, False):
+    for preferred in _gemm.ROUTES:
         out = start.copy()
-        sums = _gemm.ProductSum(out, np, use_blas=use_blas)
-        assert (sums.gemm is not None) == (use_blas and _gemm._scipy_gemm(dtype) is not None)
+        sums = _gemm.ProductSum(out, np, preferred)
+        assert sums.route == _gemm.route(np, preferred)
         for a, b in blocks:
             sums.add(a, b)
-        assert_close(out, expected, dtype, "value", f"use_blas={use_blas}", tol=(1e-5, 1e-4))
+            sums.add(a, np.ascontiguousarray(b))
+        twice = 2 * expected - start
+        assert_close(out, twice, dtype, "value", f"route {sums.route}", tol=(1e-5, 1e-4))
 
 
-def test_without_scipy_the_scratch_route_gives_the_same_gradients(monkeypatch):
+def test_the_numpy_route_is_there_with_numpy_wheels():
+    """numpy's wheels bundle scipy-openblas64; where they do, the ctypes route is taken."""
+    if not any(name.startswith("libscipy_openblas64_") for name in _bundled_libraries()):
+        pytest.skip("this numpy bundles no scipy-openblas64 (a conda or distribution build)")
+    assert _gemm.route(np) == "numpy"
+
+
+def _bundled_libraries():
+    import os
+
+    folders = [os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs"),
+               os.path.join(os.path.dirname(np.__file__), ".dylibs")]
+    return [name for folder in folders if os.path.isdir(folder) for name in os.listdir(folder)]
+
+
+@pytest.mark.parametrize("preferred", ["scipy", "scratch"])
+def test_the_other_routes_give_the_same_gradients(preferred, monkeypatch):
     hidden, weight, bias = make_inputs(np.float32)
     labels = make_class_ids(N, V)
-    monkeypatch.setattr(_gemm, "_scipy_gemm", lambda dtype: None)
+    monkeypatch.setattr(_gemm, "route", lambda xp, wanted=None, _route=_gemm.route: _route(xp, preferred))
     monkeypatch.setattr(_gemm._config, "LINEAR_ACCUMULATE_ROWS", 50)
     got, expected = both(hidden, weight, labels, bias, reduction="mean", memory=20000)
-    check_against_reference(got, expected, np.float32, "scratch route")
+    check_against_reference(got, expected, np.float32, f"{preferred} route")
 
 
 # ----------------------------------------------------------------------------
