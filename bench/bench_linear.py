@@ -1,8 +1,9 @@
 """Linear + cross-entropy from hidden states on the CPU: fastxent against PyTorch and the bare matmuls.
 
-Entries, timed side by side in one process on the same float32 data (hidden (N, H),
-weight (V, H), labels (N,), mean reduction), round-robin, the order reversed every
-repetition, median of ``--reps`` after ``--warmup``:
+Entries (``fastxent/cli/bench/linear.py``, the ones ``fastxent bench --linear`` times),
+timed side by side in one process on the same float32 data (hidden (N, H), weight
+(V, H), labels (N,), mean reduction), round-robin, the order reversed every repetition,
+median of ``--reps`` after ``--warmup``:
 
 * ``fastxent``: ``fx.linear_cross_entropy`` (default ``memory``), forward only and
   forward+backward (``return_grad=True``);
@@ -44,83 +45,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
 from bench_train_step import _reset_peak, _status_kib  # noqa: E402
 
 import fastxent as fx  # noqa: E402
+from fastxent.cli.bench.linear import entries, make_data  # noqa: E402  (the entries fastxent bench --linear times)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "linear.md"
 DEFAULT_SHAPES = "2048x1024x32000,512x1024x128256"
-
-
-# ----------------------------------------------------------------------------
-# Entries: each makes (forward, forward+backward) calls over the same data
-# ----------------------------------------------------------------------------
-
-def make_data(n, h, v, seed=0):
-    rng = np.random.default_rng(seed)
-    hidden = rng.standard_normal((n, h), dtype=np.float32)
-    weight = rng.standard_normal((v, h), dtype=np.float32) * np.float32(1 / np.sqrt(h))
-    labels = rng.integers(0, v, n)
-    return hidden, weight, labels
-
-
-def _fastxent(hidden, weight, labels, memory=None):
-    def forward():
-        return fx.linear_cross_entropy(hidden, weight, labels, reduction="mean", memory=memory), ()
-
-    def both():
-        loss, grad = fx.linear_cross_entropy(hidden, weight, labels, reduction="mean", return_grad=True,
-                                             memory=memory)
-        return loss, (grad.hidden, grad.weight)
-    return forward, both
-
-
-def _torch(hidden, weight, labels, chunked):
-    h = torch.from_numpy(hidden).requires_grad_(True)
-    w = torch.from_numpy(weight).requires_grad_(True)
-    y = torch.from_numpy(labels)
-    options = torch.nn.LinearCrossEntropyOptions() if chunked else None
-
-    def loss_of():
-        if chunked:
-            return F.linear_cross_entropy(h, w, y, options=options)
-        return F.cross_entropy(F.linear(h, w), y)
-
-    def forward():
-        with torch.no_grad():
-            return float(loss_of()), ()
-
-    def both():
-        h.grad = w.grad = None
-        loss = loss_of()
-        loss.backward()
-        return float(loss.detach()), (h.grad, w.grad)
-    return forward, both
-
-
-def _matmuls(hidden, weight, labels):
-    n, v = hidden.shape[0], weight.shape[0]
-    grad = np.empty((n, v), np.float32)
-    out_hidden, out_weight = np.empty_like(hidden), np.empty_like(weight)
-    return {
-        "matmul h@W.T": lambda: (np.matmul(hidden, weight.T, out=grad), ()),
-        "matmul G@W": lambda: (np.matmul(grad, weight, out=out_hidden), ()),
-        "matmul G.T@h": lambda: (np.matmul(grad.T, hidden, out=out_weight), ()),
-    }
-
-
-def entries(hidden, weight, labels, blocks=()):
-    """name -> call returning ``(loss, gradients to count as outputs)``."""
-    calls = {}
-    for name, pair in (("fastxent", _fastxent(hidden, weight, labels)),
-                       ("torch linear+CE", _torch(hidden, weight, labels, chunked=False)),
-                       ("torch chunked", _torch(hidden, weight, labels, chunked=True))):
-        calls[f"{name} fwd"], calls[f"{name} fwd+bwd"] = pair
-    for memory in blocks:
-        calls[f"fastxent fwd+bwd memory={memory}"] = _fastxent(hidden, weight, labels, memory)[1]
-    calls.update(_matmuls(hidden, weight, labels))
-    return calls
 
 
 # ----------------------------------------------------------------------------
@@ -138,11 +69,8 @@ def bench_linear(benchmark):
         if name.startswith("matmul"):
             continue
         np.testing.assert_allclose(float(loss), expected, rtol=2e-5, err_msg=name)
-        if grads:
-            np.testing.assert_allclose(np.asarray(grads[0]), grad_hidden.numpy(), rtol=1e-4, atol=1e-6,
-                                       err_msg=name)
-            np.testing.assert_allclose(np.asarray(grads[1]), grad_weight.numpy(), rtol=1e-4, atol=1e-6,
-                                       err_msg=name)
+        for got, want in zip(grads, (grad_hidden, grad_weight)):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 # ----------------------------------------------------------------------------
