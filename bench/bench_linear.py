@@ -38,14 +38,13 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from bench_train_step import _reset_peak, _status_kib  # noqa: E402
+from bench_train_step import _reset_peak, _status_kib, round_robin  # noqa: E402
 
 import fastxent as fx  # noqa: E402
 from fastxent.cli.bench.linear import entries, make_data  # noqa: E402  (the entries fastxent bench --linear times)
@@ -76,18 +75,6 @@ def bench_linear(benchmark):
 # ----------------------------------------------------------------------------
 # Script
 # ----------------------------------------------------------------------------
-
-def time_round_robin(calls, warmup, reps):
-    times = {name: [] for name in calls}
-    order = list(calls)
-    for rep in range(warmup + reps):
-        for name in order if rep % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            if rep >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
 
 def memory_of(shape, name, blocks):
     """In a subprocess: peak resident-set increase of one call of entry ``name``, and its gradients' bytes."""
@@ -166,7 +153,8 @@ def main(argv=None):
              "```", command.strip(), "```", ""]
     report = {}
     for shape in shapes:
-        timing = time_round_robin(entries(*make_data(*shape), blocks=blocks), args.warmup, args.reps)
+        times = round_robin(entries(*make_data(*shape), blocks=blocks), args.warmup, args.reps)
+        timing = {name: statistics.median(ts) for name, ts in times.items()}
         memory = {} if args.no_memory else {name: _memory_in_subprocess(shape, name, blocks)
                                              for name in timing if not name.startswith("matmul")}
         lines += render(shape, timing, memory, command)
