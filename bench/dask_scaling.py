@@ -131,7 +131,7 @@ def main(argv=None):
             (logits,) = persist(_make_logits(shape, chunks, seed=0))
             kept = {}
 
-            def run():
+            def run(logits=logits):
                 kept.clear()
                 # One graph for both: the fused blocks (or the merged partials) are computed once.
                 kept["loss"], kept["grad"] = persist(*fxd.sparse_softmax_cross_entropy(logits, labels,

@@ -5,12 +5,14 @@ of range would be an out-of-bounds read in a Numba kernel, so the range is
 checked here, on the host, before any kernel runs).
 """
 
+import contextlib
 import math
 import numbers
 
 import numpy as np
 
 from . import _dispatch, _dtypes
+from .backends import BadLabels
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -178,6 +180,17 @@ def bad_label_message(labels, num_classes, ignore_index, origin=None):
     return f"labels[{where}] = {labels.reshape(-1)[flat]} is outside [0, {num_classes}){ignore}"
 
 
+@contextlib.contextmanager
+def device_labels(labels, num_classes, ignore_index):
+    """Turn a device backend's :class:`~fastxent.backends.BadLabels` into the host path's
+    ``ValueError`` (the device kernels flag a bad label; it is found here on the host)."""
+    try:
+        yield
+    except BadLabels:
+        message = bad_label_message(labels.get(), num_classes, ignore_index)
+        raise ValueError(message or f"labels hold a class id outside [0, {num_classes})") from None
+
+
 def label_range(labels, num_classes, ignore_index):
     """Raise ``ValueError`` for a class id outside ``[0, C)`` that is not ``ignore_index``."""
     message = bad_label_message(labels, num_classes, ignore_index)
@@ -260,6 +273,32 @@ def ignore_index(value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"ignore_index must be None or an int, got {value!r}")
     return int(value)
+
+
+#: Binary size suffixes of ``memory=`` (case-insensitive; an optional "B" or "iB" follows).
+_SIZE_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def memory(value):
+    """``memory=``: None, a positive number of bytes, or a size such as ``"256M"``, ``"1.5G"``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in "kmgt" else ""
+        try:
+            size = int(float(text[:len(text) - len(unit)]) * 2 ** _SIZE_UNITS[unit])
+        except (ValueError, OverflowError):
+            raise ValueError(f"memory={value!r} is not a size such as '256M', '1G' or a number of bytes") from None
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"memory={value!r} must be a positive size")
+        size = int(value)
+    else:
+        raise TypeError(f"memory must be a number of bytes or a size such as '256M', got {value!r}")
+    if not 0 < size < 2**63:
+        raise ValueError(f"memory={value!r} must be a positive size")
+    return size
 
 
 def flag(name, value):

@@ -68,6 +68,7 @@ import fastxent as fx
 from fastxent._adapters import host_call
 
 __all__ = [
+    "linear_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
@@ -553,3 +554,120 @@ def sigmoid_binary_cross_entropy(logits, labels):
     labels = jnp.asarray(labels).astype(logits.dtype)
     shape = jnp.broadcast_shapes(logits.shape, labels.shape)
     return _sigmoid_op(jnp.broadcast_to(logits, shape), jnp.broadcast_to(labels, shape))
+
+
+# ----------------------------------------------------------------------------
+# Linear layer + cross-entropy from hidden states (fastxent.linear_cross_entropy)
+# ----------------------------------------------------------------------------
+
+#: A callback over the whole weight: under vmap it runs once per batch element
+#: (tiling the weight, as "broadcast_all" would, is not what a shared head means).
+_LINEAR_VMAP_METHOD = "sequential"
+
+
+def _host_linear(hidden, weight, bias, labels, class_weight, grad_output=None, *, options, loss_dtype, with_grad):
+    """fastxent.linear_cross_entropy on host arrays: the loss, and the gradients when asked."""
+    reduction, ignore_index, label_smoothing, z_loss, softcap, memory = options
+    result = fx.linear_cross_entropy(
+        np.asarray(hidden), np.asarray(weight), np.asarray(labels), None if bias is None else np.asarray(bias),
+        ignore_index=ignore_index, class_weight=None if class_weight is None else np.asarray(class_weight),
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
+        return_grad=with_grad, grad_output=None if grad_output is None else np.asarray(grad_output), memory=memory)
+    if not with_grad:
+        return np.asarray(result, dtype=loss_dtype)
+    loss, grad = result
+    return (np.asarray(loss, dtype=loss_dtype), grad.hidden, grad.weight) + (() if bias is None else (grad.bias,))
+
+
+def _linear_callback(shapes, hidden, weight, bias, labels, class_weight, grad_output=None, **options):
+    host = functools.partial(host_call, _host_linear, **options)
+    return jax.pure_callback(host, shapes, hidden, weight, bias, labels, class_weight, grad_output,
+                             vmap_method=_LINEAR_VMAP_METHOD)
+
+
+def _linear_shapes(hidden, weight, bias, labels, options, with_grad):
+    loss = _struct(labels.shape if options[0] == "none" else (), hidden.dtype)
+    if not with_grad:
+        return loss
+    grads = (_struct(hidden.shape, hidden.dtype), _struct(weight.shape, weight.dtype))
+    return (loss, *grads) + (() if bias is None else (_struct(bias.shape, bias.dtype),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _linear_op(hidden, weight, bias, labels, class_weight, options):
+    return _linear_callback(_linear_shapes(hidden, weight, bias, labels, options, False), hidden, weight, bias,
+                            labels, class_weight, options=options, loss_dtype=hidden.dtype, with_grad=False)
+
+
+def _linear_fwd(hidden, weight, bias, labels, class_weight, options):
+    if options[0] == "none":  # the gradients need each row's cotangent: computed in backward
+        loss = _linear_op(hidden, weight, bias, labels, class_weight, options)
+        return loss, (hidden, weight, bias, labels, class_weight)
+    loss, *grads = _linear_callback(_linear_shapes(hidden, weight, bias, labels, options, True), hidden, weight,
+                                    bias, labels, class_weight, options=options, loss_dtype=hidden.dtype,
+                                    with_grad=True)
+    return loss, tuple(grads)
+
+
+def _linear_bwd(options, residuals, cotangent):
+    if options[0] == "none":
+        hidden, weight, bias, labels, class_weight = residuals
+        _, *grads = _linear_callback(_linear_shapes(hidden, weight, bias, labels, options, True), hidden, weight,
+                                     bias, labels, class_weight, cotangent, options=options,
+                                     loss_dtype=hidden.dtype, with_grad=True)
+    else:
+        grads = [g * cotangent.astype(g.dtype) for g in residuals]
+    grad_bias = grads[2] if len(grads) == 3 else None
+    return grads[0], grads[1], grad_bias, None, None
+
+
+_linear_op.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=None,
+                         class_weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None, memory=None):
+    r"""Softmax cross-entropy of ``hidden @ weight.T + bias`` with integer labels, the logits never whole.
+
+    :func:`fastxent.linear_cross_entropy` as a ``jax.custom_vjp`` (CPU, through
+    ``jax.pure_callback``): the blocks of rows are sized to ``memory``; for a mean or a
+    sum the forward computes the gradients of ``hidden``, ``weight`` and ``bias`` and the
+    backward scales them by the cotangent; with ``reduction="none"`` the backward runs
+    the blocks again with each row's cotangent. Works under ``jit``, ``grad`` and
+    ``vmap`` (one callback per batch element). Options as in
+    :func:`fastxent.linear_cross_entropy`; a mean over nothing is 0 with zero gradients.
+
+    Parameters
+    ----------
+    hidden : array (..., H), float
+    weight : array (V, H), ``hidden``'s dtype
+    labels : integer array, ``hidden``'s shape without the last axis
+    bias : array (V,) or None
+    reduction : {"mean", "sum", "none"}
+    ignore_index, class_weight, label_smoothing, z_loss, softcap, memory
+        As in :func:`fastxent.linear_cross_entropy`.
+
+    Returns
+    -------
+    array
+        0-d for ``"mean"``/``"sum"``, else ``labels``' shape; ``hidden``'s dtype.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, fastxent.jax as fxj
+    >>> hidden, head = jnp.ones((4, 8)), jnp.zeros((10, 8))
+    >>> grads = jax.grad(fxj.linear_cross_entropy, argnums=(0, 1))(hidden, head, jnp.array([1, 2, 3, 4]))
+    """
+    hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+    _check_floating("hidden", hidden)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r} must be one of ['none', 'sum', 'mean']")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels has shape {labels.shape}, expected {hidden.shape[:-1]} (hidden's shape "
+                         f"{hidden.shape} without its last axis)")
+    bias = None if bias is None else jnp.asarray(bias)
+    class_weight = None if class_weight is None else jnp.asarray(class_weight, dtype=jnp.float32)
+    options = (reduction, ignore_index, float(label_smoothing), float(z_loss),
+               None if softcap is None else float(softcap), memory)
+    return _linear_op(hidden, weight, bias, labels, class_weight, options)

@@ -33,10 +33,10 @@ repeats them):
 import numpy as np
 
 from ._dtypes import loss_dtype, round_to
-from ._score import Score
+from ._score import LinearGrad, Score
 from .backends import FUNCTIONS, Partials
 
-__all__ = [*FUNCTIONS, "Score"]
+__all__ = [*FUNCTIONS, "Score", "linear_cross_entropy", "linear_score"]
 
 # --------------------------------------------------------------------------
 # helpers: one per formula
@@ -698,3 +698,70 @@ def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softc
     if ignore_index is not None:
         grad = np.where((labels == ignore_index)[..., None], 0.0, grad)
     return grad.astype(np.asarray(logits).dtype)
+
+
+# --------------------------------------------------------------------------
+# hidden states: the linear layer, then the loss (a composition, on purpose)
+# --------------------------------------------------------------------------
+
+
+def _linear_logits(hidden, weight, bias):
+    """``hidden @ weight.T + bias`` in float64, whole."""
+    logits = _f64(hidden) @ _f64(weight).T
+    return logits if bias is None else logits + _f64(bias)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=None, class_weight=None,
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="none",
+                         return_grad=False, grad_output=None):
+    """:func:`sparse_softmax_cross_entropy` of the logits ``hidden @ weight.T + bias``.
+
+    The logits are formed whole in float64; with ``G`` their gradient (of
+    ``sum(grad_output * loss)``), the chain rule gives::
+
+        d/d hidden = G @ weight,   d/d weight = G.T @ hidden,   d/d bias = G.sum(0)
+
+    (sums over every leading axis of ``hidden``).
+
+    Parameters
+    ----------
+    hidden : ndarray (..., H); weight : ndarray (V, H); labels : int ndarray (...);
+    bias : ndarray (V,) or None; the options as in ``fastxent.linear_cross_entropy``.
+
+    Returns
+    -------
+    loss : ndarray, the loss dtype of ``hidden``; ``labels``' shape, or 0-d when reduced.
+    grad : :class:`LinearGrad`, each gradient in its argument's dtype; only with ``return_grad``.
+
+    Examples
+    --------
+    >>> linear_cross_entropy(np.ones((1, 2)), np.zeros((2, 2)), np.array([0]))  # log 2
+    array([0.69314718])
+    """
+    logits = _linear_logits(hidden, weight, bias)
+    out_dtype = loss_dtype(np.asarray(hidden).dtype)
+    result = sparse_softmax_cross_entropy(
+        logits, labels, ignore_index=ignore_index, class_weight=class_weight, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, reduction=reduction, return_grad=return_grad, grad_output=grad_output)
+    if not return_grad:
+        return np.asarray(result, dtype=out_dtype)
+    loss, dlogits = result
+    rows = dlogits.reshape(-1, logits.shape[-1])
+    grad = LinearGrad(
+        hidden=(dlogits @ _f64(weight)).astype(np.asarray(hidden).dtype),
+        weight=(rows.T @ _f64(hidden).reshape(rows.shape[0], -1)).astype(np.asarray(weight).dtype),
+        bias=None if bias is None else rows.sum(axis=0).astype(np.asarray(bias).dtype))
+    return np.asarray(loss, dtype=out_dtype), grad
+
+
+def linear_score(hidden, weight, labels, bias=None, *, ignore_index=None):
+    """:func:`score` of the logits ``hidden @ weight.T + bias``; float fields in the loss dtype of ``hidden``.
+
+    Examples
+    --------
+    >>> linear_score(np.ones((1, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([0])).correct
+    array([ True])
+    """
+    fields = score(_linear_logits(hidden, weight, bias), labels, ignore_index=ignore_index)
+    out_dtype = loss_dtype(np.asarray(hidden).dtype)
+    return Score(*(field.astype(out_dtype) if field.dtype.kind == "f" else field for field in fields))

@@ -131,8 +131,10 @@ from fastxent._adapters import host_lock
 __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "linear_cross_entropy",
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -141,6 +143,7 @@ _REDUCTIONS = ("none", "mean", "sum")
 #: where a test (or a user) has put fastxent's functions in their place.
 _torch_cross_entropy = F.cross_entropy
 _torch_bce_with_logits = F.binary_cross_entropy_with_logits
+_torch_linear_cross_entropy = F.linear_cross_entropy
 
 
 # ----------------------------------------------------------------------------
@@ -847,3 +850,191 @@ class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
     def forward(self, input, target):
         return binary_cross_entropy_with_logits(input, target, weight=self.weight, reduction=self.reduction,
                                                 pos_weight=self.pos_weight)
+
+
+# ----------------------------------------------------------------------------
+# linear_cross_entropy (PyTorch 2.13's torch.nn.functional.linear_cross_entropy)
+# ----------------------------------------------------------------------------
+
+def _linear_fallback_reason(input, linear_weight, linear_bias, target, weight):
+    """Why a call goes to torch's own function (None: fastxent runs it)."""
+    if input.dim() not in (1, 2) or linear_weight.dim() != 2:
+        return "shapes"   # torch raises, or a K-dimensional loss
+    if target.shape == (*input.shape[:-1], linear_weight.shape[0]) or target.is_floating_point():
+        return "class probabilities"
+    if _torch_derivatives(target, weight):
+        return "derivatives of target or weight"
+    if any(_is_wrapped(t) or _has_tangent(t) for t in (input, linear_weight, linear_bias)):
+        return "torch.func transforms and forward mode"
+    return None
+
+
+def _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, need_grad, grad_output=None):
+    """``(loss, (grad_input, grad_weight, grad_bias) or None)`` as tensors, torch's semantics.
+
+    A ``"mean"`` whose denominator is zero is a division by zero, as in torch (the
+    public function hands such a call to torch's own function unless it has
+    fastxent's extras)."""
+    if target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target holds class indices and must be an integer tensor, got {target.dtype}")
+    reduction = spec.reduction
+    if reduction == "mean" and _counted_weight(target, weight, spec.ignore_index, linear_weight.shape[0]) == 0.0:
+        reduction = "sum"
+    with _on_stream_of(input):
+        result = fx.linear_cross_entropy(
+            _as_array(input), _as_array(linear_weight), _as_array(target), _optional_array(linear_bias),
+            ignore_index=spec.ignore_index, class_weight=_optional_array(weight),
+            label_smoothing=spec.label_smoothing, z_loss=spec.z_loss, softcap=spec.softcap, reduction=reduction,
+            return_grad=need_grad, grad_output=_optional_array(grad_output), memory=memory)
+    loss, grads = result if need_grad else (result, None)
+    loss = _as_tensor(loss).to(input.dtype)
+    grads = None if grads is None else tuple(None if g is None else _as_tensor(g) for g in grads)
+    if reduction != spec.reduction:
+        loss = loss / 0.0
+        grads = None if grads is None else tuple(None if g is None else g / 0.0 for g in grads)
+    return loss, grads
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Linear layer + cross-entropy in blocks, reverse mode (as torch's chunked path). A
+    reduced loss's forward computes the three gradients and backward scales them;
+    ``reduction="none"`` needs each row's incoming gradient, so its backward runs the
+    blocks again with it."""
+
+    @staticmethod
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, spec, memory):
+        ctx.arguments = (target, weight, spec, memory)
+        if spec.reduction == "none":
+            ctx.save_for_backward(input, linear_weight, linear_bias)
+            return _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, False)[0]
+        loss, grads = _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, True)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "fastxent.torch.linear_cross_entropy does not support double backward (create_graph=True): "
+                "its backward hands over gradients computed by the blocks, constants in the inputs; use "
+                "torch.nn.functional.linear_cross_entropy with options=None where second derivatives are needed")
+        target, weight, spec, memory = ctx.arguments
+        if spec.reduction == "none":
+            input, linear_weight, linear_bias = ctx.saved_tensors
+            _, grads = _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, True,
+                                      grad_output=grad_output)
+        else:
+            grads = tuple(None if g is None else _scaled(g, grad_output, None) for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None)
+
+
+@torch.compiler.disable
+def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weight=None, reduction="mean",
+                         ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0, softcap=None,
+                         memory=None):
+    r"""``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13), computed by fastxent in blocks.
+
+    ``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` with torch's
+    signature and semantics, the logits never formed whole: fastxent's
+    :func:`fastxent.linear_cross_entropy` runs blocks of rows sized to ``memory``, each
+    block's logits from the BLAS (cuBLAS for CUDA tensors) turned into loss and gradient
+    in place by the fused kernel. For a mean or a sum the forward computes the gradients
+    of ``input``, ``linear_weight`` and ``linear_bias`` and backward hands them over (one
+    multiply unless the incoming gradient is 1); with ``reduction="none"`` backward runs
+    the blocks again with the incoming gradient of each row.
+
+    As in torch: ``input`` is (H,) or (N, H); ``target`` class indices ((), (N,));
+    ``ignore_index`` None means -100; ``weight`` rescales the classes (any sign); a mean
+    over a zero denominator is torch's division by zero. ``options`` (a
+    ``torch.nn.LinearCrossEntropyOptions``) is accepted and not used: the blocks follow
+    ``memory``. Reverse mode only, like torch's chunked path: double backward raises.
+    Calls fastxent does not run go to torch's own function: class-probability targets,
+    a K-dimensional ``linear_weight``, a ``target`` or ``weight`` that requires grad, a
+    mean over a zero denominator, and ``torch.func`` transforms or forward-mode tangents
+    (to its reference path, ``options=None``, which supports them).
+
+    Parameters
+    ----------
+    input : Tensor (H,) or (N, H)
+    linear_weight : Tensor (C, H)
+    target : Tensor (), (N,) of class indices (any integer dtype)
+    linear_bias : Tensor (C,), optional
+    weight : Tensor (C,), optional
+    reduction : {"mean", "sum", "none"}
+    ignore_index : int or None
+    label_smoothing : float in [0, 1]
+    options : LinearCrossEntropyOptions or None
+    z_loss, softcap : keyword-only fastxent extras, as in :func:`cross_entropy`
+    memory : int, str or None, keyword-only
+        The blocks' budget, e.g. ``"256M"`` (default: see :func:`fastxent.linear_cross_entropy`).
+
+    Returns
+    -------
+    Tensor
+        0-d for ``"mean"``/``"sum"``, else ``target``'s shape; ``input``'s dtype.
+
+    Examples
+    --------
+    >>> import torch, fastxent.torch as fxt
+    >>> hidden = torch.randn(4, 8, requires_grad=True)
+    >>> head = torch.randn(10, 8, requires_grad=True)
+    >>> fxt.linear_cross_entropy(hidden, head, torch.tensor([1, 2, 3, 4])).backward()
+    """
+    for name, value in (("input", input), ("linear_weight", linear_weight), ("target", target)):
+        _check_tensor(name, value)
+    if options is not None and not isinstance(options, torch.nn.LinearCrossEntropyOptions):
+        raise TypeError(f"options must be a torch.nn.LinearCrossEntropyOptions or None, got {type(options).__name__}")
+    reason = _linear_fallback_reason(input, linear_weight, linear_bias, target, weight)
+    spec = _Spec(-100 if ignore_index is None else ignore_index, _reduction_of(None, None, reduction),
+                 label_smoothing, z_loss, softcap)
+    if reason is None and spec.reduction == "mean" and not z_loss and softcap is None and _counted_weight(
+            target, weight, spec.ignore_index, linear_weight.shape[0]) == 0.0:
+        reason = "a mean over a zero denominator"  # torch's division by zero, its gradients
+    if reason is not None:
+        if z_loss or softcap is not None:
+            raise ValueError(f"z_loss and softcap are fastxent extras, and this call goes to torch's own "
+                             f"function ({reason})")
+        return _torch_linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=weight, reduction=reduction,
+            ignore_index=ignore_index, label_smoothing=label_smoothing,
+            options=None if reason == "torch.func transforms and forward mode" else options)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)):
+        return _LinearCrossEntropyFunction.apply(input, linear_weight, linear_bias, target, weight, spec, memory)
+    return _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memory, False)[0]
+
+
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """``torch.nn.LinearCrossEntropyLoss`` computed by :func:`linear_cross_entropy`.
+
+    A subclass of torch's module (same constructor, the same ``linear`` layer and
+    ``weight`` buffer, the same state dict), plus the keyword-only fastxent extras
+    ``z_loss``, ``softcap`` and ``memory``.
+
+    Examples
+    --------
+    >>> import torch, fastxent.torch as fxt
+    >>> head = fxt.LinearCrossEntropyLoss(8, 10, bias=True, memory="64M")
+    >>> loss = head(torch.randn(4, 8), torch.tensor([1, 2, 3, 4]))
+    """
+
+    def __init__(self, in_features, num_classes, *, out_features=(), bias=False, device=None, dtype=None,
+                 reduction="mean", weight=None, ignore_index=None, label_smoothing=0.0, options=None, z_loss=0.0,
+                 softcap=None, memory=None):
+        super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
+                         dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options)
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.memory = memory
+
+    def forward(self, input, target):
+        shape = (self.num_classes, *self.out_features)
+        linear_bias = None if self.linear.bias is None else self.linear.bias.reshape(shape)
+        return linear_cross_entropy(input, self.linear.weight.reshape(*shape, self.linear.in_features), target,
+                                    linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                    options=self.options, z_loss=self.z_loss, softcap=self.softcap,
+                                    memory=self.memory)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, z_loss={self.z_loss}, softcap={self.softcap}, memory={self.memory!r}"

@@ -36,7 +36,6 @@ from tests.support import (  # noqa: E402
     make_distribution,
     make_logits,
     sparse_options,
-    tolerance,
 )
 
 

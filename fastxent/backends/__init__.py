@@ -27,6 +27,12 @@ Contract of a backend function
   the fused forward+backward kernel runs and the gradient of row ``i`` (or of
   element ``(r, k)``) is multiplied by ``grad_scale`` -- a Python float, or an
   array of the loss's 1-D/2-D shape (grad_output times the reduction factor).
+* ``inplace=True`` (keyword, ``sparse_softmax_cross_entropy`` of every backend;
+  ``softmax_cross_entropy`` of the CUDA backend): with ``grad_scale`` given, the
+  gradient is written over the (writeable, C-contiguous) scores and returned as
+  the gradient; nothing of the scores' size is allocated and the scores are lost.
+  The public layer passes it only for buffers it owns (the logits blocks of
+  ``fastxent.linear``).
 * Return values: the unreduced loss (``(N,)`` or ``(R, K)``) in the loss dtype
   (float32 for 16-bit scores, else the score dtype) and, when asked, the
   gradient in the first argument's dtype and 2-D shape. Reductions happen in

@@ -130,8 +130,9 @@ def _loss_out(size, dtype):
     return np.empty(size, dtype=_dtypes.loss_dtype(dtype))
 
 
-def _row_outputs(first, grad_scale):
-    """``(loss, grad, grad view, scale, step)`` of a row kernel; grad ``None`` forward-only.
+def _row_outputs(first, grad_scale, inplace=False):
+    """``(loss, grad, grad view, scale, step)`` of a row kernel; grad ``None`` forward-only,
+    ``first`` itself with ``inplace``.
 
     A uniform ``grad_scale`` is a 1-element array read with step 0, so one
     compiled kernel serves both cases without an N-sized array of copies.
@@ -140,7 +141,7 @@ def _row_outputs(first, grad_scale):
     loss = _loss_out(rows, first.dtype)
     if grad_scale is None:
         return loss, None, None, None, 0
-    grad, view = _new_like(first)
+    grad, view = (first, _kernel_view(first)) if inplace else _new_like(first)
     if isinstance(grad_scale, float):
         return loss, grad, view, _readonly(np.full(1, grad_scale, dtype=np.float64)), 0
     return loss, grad, view, _readonly(np.ascontiguousarray(grad_scale, dtype=np.float64).reshape(rows)), 1
@@ -169,10 +170,15 @@ def _keeps_exp(logits, softcap):
 # ----------------------------------------------------------------------------
 
 def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, label_smoothing, z_loss,
-                                 softcap, grad_scale):
+                                 softcap, grad_scale, *, inplace=False):
+    """``inplace``: the gradient is written over ``logits`` (writeable, C-contiguous) and
+    returned as the gradient, as in the CUDA backend; the scores are lost."""
     acc = _acc(logits.dtype)
     count = logits.shape[1]
-    loss, grad, grad_view, scale, step = _row_outputs(logits, grad_scale)
+    loss, grad, grad_view, scale, step = _row_outputs(logits, grad_scale, inplace)
+    # Inplace with smoothing: the smoothing term re-reads the scores after the kept
+    # exponentials would have replaced them, so the gradient pass recomputes them.
+    keep_exp = _keeps_exp(logits, softcap) and not (inplace and label_smoothing != 0)
     # Ones when unweighted: one compiled kernel for both (C reads per smoothed row);
     # in the accumulation type, as a float64 -> float32 conversion in the
     # gradient loop halves its speed.
@@ -183,8 +189,8 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
         return loss, None
     _softmax.sparse_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index), weights,
                            acc(weights.sum()), acc(label_smoothing), acc(z_loss),
-                           None if softcap is None else acc(softcap), scale, step,
-                           _keeps_exp(logits, softcap), loss, grad_view, acc)
+                           None if softcap is None else acc(softcap), scale, step, keep_exp,
+                           True if inplace else None, loss, grad_view, acc)
     return loss, grad
 
 

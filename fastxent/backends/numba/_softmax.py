@@ -6,7 +6,8 @@ Rows are processed one per ``prange`` iteration with the one-read log-sum-exp of
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from ... import _config
 from . import _math as nm
@@ -38,11 +39,32 @@ def _softmax_grad(raw, coef, offset, shift, log_sum, softcap, acc):
     return (coef * nm.exp_approx(log_prob(value, shift, log_sum)) - offset) * capped_slope(value, softcap, acc)
 
 
+def _gradient_row(row, grad, i, inplace):
+    """Row ``i`` of the gradient; the score row itself when ``inplace`` is True, and ``row``
+    as a placeholder, never written, when ``grad`` is None (forward only).
+
+    ``inplace`` is None or True: two types, so the choice is made at compile time (each
+    its own compiled kernel; a literal bool through ``numba.literally`` re-typed the kernel
+    at every call, 0.9 s) and the inplace kernel holds one array: through
+    ``grad[i]``, a loop that reads a score and writes its gradient gets a runtime alias
+    check, which fails when the two rows are one, and runs its scalar copy (fused pass at
+    1024 x 32000 float32, AVX-512: 590 ms instead of 156 ms).
+    """
+    raise NotImplementedError("jitted code only")
+
+
+@overload(_gradient_row, inline="always")
+def _gradient_row_typer(row, grad, i, inplace):
+    if isinstance(grad, types.NoneType) or isinstance(inplace, types.Boolean):
+        return lambda row, grad, i, inplace: row
+    return lambda row, grad, i, inplace: grad[i]
+
+
 @inline
-def _row_stats(row, grad, i, keep_exp, softcap, acc):
-    """``(shift, log_sum, 1/sum)``; the last only when the exponentials were kept in ``grad[i]``."""
+def _row_stats(row, grad, grad_row, keep_exp, softcap, acc):
+    """``(shift, log_sum, 1/sum)``; the last only when the exponentials were kept in ``grad_row``."""
     if grad is not None and keep_exp:
-        return row_exp_into(row, grad[i], acc)
+        return row_exp_into(row, grad_row, acc)
     shift, log_sum = row_lse(row, softcap, acc)
     return shift, log_sum, acc(0.0)
 
@@ -80,8 +102,13 @@ def _z_term(z_loss, lse):
 
 @kernel
 def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoothing, z_loss,
-                  softcap, scale, step, keep_exp, loss, grad, acc):
+                  softcap, scale, step, keep_exp, inplace, loss, grad, acc):
     """Sparse softmax cross-entropy rows; the gradient too when ``grad`` is not None.
+
+    ``grad`` may be ``logits`` itself (inplace): each row's scores are read before
+    its gradient is written, except with ``keep_exp`` and label smoothing (the
+    smoothing term re-reads the scores after the exponentials are stored), which
+    the caller does not combine with inplace.
 
     ``l = (1-e) w_y (lse - t_y) + (e/C) (W lse - sum_c w_c t_c) + z lse^2``;
     ``dl/dt_c = ((1-e) w_y + (e/C) W + 2 z lse) p_c - (1-e) w_y [c == y] - (e/C) w_c``.
@@ -99,9 +126,13 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
                 zero_row(grad, i, acc)
             continue
         row = logits[i]
-        shift, log_sum, inv_sum = _row_stats(row, grad, i, keep_exp, softcap, acc)
+        # The target's stored score, read before the gradient pass may overwrite the
+        # row (``grad`` may be ``logits`` itself: the backend's inplace mode).
+        target_raw = row[label]
+        grad_row = _gradient_row(row, grad, i, inplace)
+        shift, log_sum, inv_sum = _row_stats(row, grad, grad_row, keep_exp, softcap, acc)
         lse = shift + log_sum
-        target = capped(nm.load(row[label]), softcap)
+        target = capped(nm.load(target_raw), softcap)
         weight = class_weight[label]
         value = keep * weight * -log_prob(target, shift, log_sum) + _z_term(z_loss, lse)
         if smoothing != 0:
@@ -114,7 +145,6 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
             g = acc(scale[i * step])
             z_slope = acc(2.0) * z_loss * lse if z_loss != 0 else z_loss
             coef = g * (keep * weight + share * weight_total + z_slope)
-            grad_row = grad[i]
             # Reading the C class weights halves the loop's speed (measured 0.74
             # vs 1.5 elements/ns): the unsmoothed loop does not touch them.
             # (Two calls, not one with an Optional argument: a literal None prunes the offset at compile time.)
@@ -133,7 +163,7 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
             else:
                 offset = own + g * share * class_weight[label]
                 grad_row[label] = nm.store(
-                    _softmax_grad(row[label], coef, offset, shift, log_sum, softcap, acc), grad)
+                    _softmax_grad(target_raw, coef, offset, shift, log_sum, softcap, acc), grad)
 
 
 @kernel
@@ -196,7 +226,8 @@ def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss,
     for i in prange(logits.shape[0]):
         row = logits[i]
         targets = labels[i]
-        shift, log_sum, inv_sum = _row_stats(row, grad, i, keep_exp, softcap, acc)
+        grad_row = _gradient_row(row, grad, i, None)
+        shift, log_sum, inv_sum = _row_stats(row, grad, grad_row, keep_exp, softcap, acc)
         label_total = acc(0.0)
         gap = acc(0.0)
         for j in range(count):
@@ -206,7 +237,6 @@ def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss,
         loss[i] = label_total * log_sum + gap
         if grad is not None:
             g = acc(scale[i * step])
-            grad_row = grad[i]
             if keep_exp:
                 factor = g * label_total * inv_sum
                 for j in range(count):

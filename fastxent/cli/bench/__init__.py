@@ -9,7 +9,9 @@ run -> report); the parts, one job each:
 * :mod:`.timing`: one entry timed (``perf_counter``; CUDA events, L2 flushed);
 * :mod:`.agreement`: each result checked against the float64 reference;
 * :mod:`.runner`: the entries of each case, measured one after the other;
-* :mod:`.report`: the table, the machine, the JSON, the plot.
+* :mod:`.report`: the table, the machine, the JSON, the plot;
+* :mod:`.linear`: ``--linear``, linear + cross-entropy from hidden states beside the
+  bare matrix multiplies (its own table).
 
 ``bench/bench_cpu.py`` and ``bench/bench_gpu.py`` build on the same parts.
 """
@@ -40,6 +42,10 @@ def add_parser(commands):
     parser.add_argument("--json", metavar="FILE", help="also write every measurement as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="plot GB/s against the number of classes (matplotlib)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 runs: a smoke test")
+    parser.add_argument("--linear", metavar="NxHxV", nargs="?", const="default",
+                        help="instead of the logits cases: linear + cross-entropy from hidden states (N, H) and "
+                             "a head (V, H), float32, beside torch and the bare matmuls; comma-separated shapes, "
+                             "default 2048x1024x32000,512x1024x128256")
     parser.set_defaults(func=command)
 
 
@@ -62,6 +68,8 @@ def command(args):
     from .cases import QUICK_REPEAT, BenchError, make_cases, usable_cases
 
     _check_outputs(args)
+    if args.linear is not None:
+        return _linear_command(args)
     try:
         cases = make_cases(args.ops, args.shapes, args.dtypes, quick=args.quick)
         cases, unusable = usable_cases(cases, strict=args.dtypes is not None)
@@ -93,6 +101,30 @@ def command(args):
         warn(f"{len(bad)} fastxent result(s) disagree with the reference (marked ✗)")
         return 1
     return 0
+
+
+def _linear_command(args):
+    """``fastxent bench --linear``: its own table (see :mod:`.linear`)."""
+    import json
+
+    from . import linear, report
+
+    try:
+        shapes = linear.QUICK_SHAPES if args.quick else linear.parse_shapes(args.linear)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    info = report.machine()
+    repeat = args.repeat or (3 if args.quick else None)
+    results = linear.run(shapes, repeat, log=warn)
+    print(report.header(info, repeat))
+    print(linear.table(results))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"machine": info, "linear": {"x".join(map(str, s)): {name: {"median_s": t, "problem": v}
+                                                                           for name, (t, v) in r.items()}
+                                                   for s, r in results.items()}}, out, indent=1, default=str)
+    bad = [v for r in results.values() for name, (_, v) in r.items() if v and name.startswith("fastxent")]
+    return 1 if bad else 0
 
 
 def _check_outputs(args):

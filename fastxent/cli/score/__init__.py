@@ -13,7 +13,7 @@ import argparse
 import signal
 import sys
 
-from ..common import Progress
+from ..common import CommandError, Progress
 from .pipeline import REFERENCE_BYTES_PER_SCORE, score_file
 
 __all__ = ["add_parser", "command", "score_file"]
@@ -59,8 +59,9 @@ def add_parser(commands):
                     "under a memory budget. The result goes to a temporary file beside OUT, "
                     "renamed at the end: an interrupted run leaves no partial output.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("logits", metavar="LOGITS",
-                        help="float16/bfloat16/float32/float64 scores: .npy, Zarr array, or .npy shards")
+    parser.add_argument("logits", metavar="LOGITS", nargs="?",
+                        help="float16/bfloat16/float32/float64 scores: .npy, Zarr array, or .npy shards "
+                             "(not with --hidden)")
     parser.add_argument("labels", metavar="LABELS",
                         help="integer class ids, the logits' shape without the class axis")
     parser.add_argument("-o", "--output", metavar="OUT",
@@ -74,6 +75,11 @@ def add_parser(commands):
     parser.add_argument("--backend", default=None, help="numba (default on the host), numpy, or cupy")
     parser.add_argument("--memory", default="256M",
                         help="memory budget for a chunk, e.g. 64M, 1G (default 256M); see below")
+    parser.add_argument("--hidden", metavar="H.npy",
+                        help="hidden states (rows, H) instead of logits: the scores are H @ W.T + B, computed "
+                             "a block of rows at a time (fastxent.linear_score), never whole")
+    parser.add_argument("--weight", metavar="W.npy", help="with --hidden: the output layer (V, H), read whole")
+    parser.add_argument("--bias", metavar="B.npy", help="with --hidden: the bias (V,), optional")
     parser.add_argument("--bfloat16", action="store_true",
                         help="read 2-byte logits (raw '|V2', uint16 or int16 items, as np.save writes "
                              "ml_dtypes.bfloat16) as bfloat16")
@@ -87,10 +93,18 @@ def command(args):
     def on_sigterm(signum, frame):  # noqa: ARG001 -- clean up like Ctrl-C does
         raise KeyboardInterrupt
 
+    if args.hidden is None and (args.weight or args.bias):
+        raise CommandError("--weight and --bias go with --hidden H.npy (hidden states)")
+    if args.hidden is not None and (args.logits is not None or args.weight is None):
+        raise CommandError("--hidden H.npy takes --weight W.npy (and optionally --bias B.npy) and only "
+                           "LABELS.npy as positional argument, not LOGITS.npy")
+    if args.hidden is None and args.logits is None:
+        raise CommandError("give LOGITS.npy LABELS.npy, or --hidden H.npy --weight W.npy LABELS.npy")
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         summary = score_file(
-            args.logits, args.labels, args.output,
+            args.logits if args.hidden is None else args.hidden, args.labels, args.output,
+            weight_path=args.weight, bias_path=args.bias,
             fields=args.fields, reduction=args.reduction, ignore_index=args.ignore_index,
             axis=args.axis, backend=args.backend, memory=args.memory, bfloat16=args.bfloat16,
             progress=lambda total: Progress(total, unit="row"), scheduler=args.scheduler)

@@ -1,18 +1,20 @@
 """The inputs of ``fastxent score``: opened, checked, one line naming the file for each problem.
 
-:func:`open_inputs` is the one place the pipeline reads its inputs: it turns
-the paths into arrays with ``.shape``, ``.dtype`` and ``__getitem__`` after
-checking that each file is whole and of a dtype fastxent scores. An input is
+:func:`open_inputs` (logits) and :func:`open_hidden` (hidden states and the output
+layer) are the one place the pipeline reads its inputs: they turn the paths into
+arrays with ``.shape``, ``.dtype`` and ``__getitem__`` after checking that each
+file is whole and of a dtype fastxent scores. An input is
 
 * a ``.npy`` file (a read-only memory map);
 * a Zarr array (a directory holding ``zarr.json`` or ``.zarray``; needs ``zarr``);
 * a set of ``.npy`` shards, stacked along the first axis in sorted order: a glob
   pattern (``'logits-*.npy'``, quoted; :class:`Shards`).
 
-:func:`check_shapes` and :func:`first_bad_label` check the arrays against each
-other and the labels' range, before anything is written. :func:`as_dask` turns
-an opened input into a dask array whose tasks open the files themselves (a
-cluster's workers read them where they lie, nothing is sent from the client).
+(Hidden states and the output layer: ``.npy`` files.) :func:`check_shapes` and
+:func:`first_bad_label` check the arrays against each other and the labels'
+range, before anything is written. :func:`as_dask` turns an opened input into a
+dask array whose tasks open the files themselves (a cluster's workers read them
+where they lie, nothing is sent from the client).
 """
 
 import glob
@@ -194,7 +196,7 @@ def open_npy(path):
         raise CommandError(f"{path}: cannot map it ({exc})") from None
 
 
-def _check_logits(path, logits, bfloat16):
+def _check_logits(path, logits, bfloat16, what="logits"):
     dtype = logits.dtype
     if bfloat16:
         if not hasattr(logits, "view"):
@@ -217,8 +219,38 @@ def _check_logits(path, logits, bfloat16):
                            "bfloat16; pass --bfloat16 to read them as bfloat16")
     kind = {"i": "integer", "u": "integer", "b": "boolean", "c": "complex", "U": "text", "S": "bytes",
             "M": "datetime", "m": "timedelta", "V": "raw/structured"}.get(dtype.kind, "non-float")
-    raise CommandError(f"{path}: logits must be float16, bfloat16, float32 or float64 scores, "
+    raise CommandError(f"{path}: {what} must be float16, bfloat16, float32 or float64, "
                        f"got {kind} dtype {_describe_dtype(dtype)}")
+
+
+def open_hidden(hidden_path, labels_path, weight_path, bias_path=None, *, bfloat16=False):
+    """``(hidden, labels, (weight, bias or None))`` for scores ``hidden @ weight.T + bias``.
+
+    The hidden states (N, H) and the labels (N,) are memory-mapped and streamed; the
+    output layer (V, H) and the bias (V,) are read whole, in the hidden states' dtype.
+    """
+    hidden = _check_logits(hidden_path, open_npy(hidden_path), bfloat16, "hidden states")
+    labels = _check_labels(labels_path, open_npy(labels_path))
+    weight = np.array(_check_logits(weight_path, open_npy(weight_path), bfloat16, "the weight"))
+    if hidden.ndim != 2:
+        raise CommandError(f"{hidden_path}: hidden states must be (rows, H), got shape {hidden.shape}")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[1]:
+        raise CommandError(f"{weight_path}: the weight must be (V, {hidden.shape[1]}) for hidden states of "
+                           f"shape {hidden.shape} ({hidden_path}), got shape {weight.shape}")
+    bias = None
+    if bias_path is not None:
+        bias = np.array(_check_logits(bias_path, open_npy(bias_path), bfloat16, "the bias"))
+        if bias.shape != weight.shape[:1]:
+            raise CommandError(f"{bias_path}: the bias must be ({weight.shape[0]},), one value per row of "
+                               f"{weight_path}, got shape {bias.shape}")
+    for path, array in ((weight_path, weight), (bias_path, bias)):
+        if array is not None and array.dtype != hidden.dtype:
+            raise CommandError(f"{path}: holds {array.dtype.name} but {hidden_path} holds {hidden.dtype.name}; "
+                               "save them in one dtype")
+    if labels.shape != hidden.shape[:1]:
+        raise CommandError(f"{labels_path}: shape {labels.shape} does not match {hidden_path} (expected "
+                           f"{hidden.shape[:1]}: one label per row of hidden states)")
+    return hidden, labels, (weight, bias)
 
 
 def _check_labels(path, labels):

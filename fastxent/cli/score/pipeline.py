@@ -23,6 +23,12 @@ Chunk size (rows of the first axis)::
 
 where ``library_results_row`` is the loss alone (loss dtype) or the six
 ``Score`` fields, and ``written_fields_row`` the fields asked for, per row.
+
+From hidden states (``weight_path`` given: ``logits_path`` holds hidden states (N, H)),
+the scores are ``hidden @ weight.T + bias``, computed a block at a time by
+``fastxent.linear_cross_entropy`` / ``fastxent.linear_score``, and ``logits_row`` is a
+row of hidden states plus the V scores of the accumulation dtype the library's block
+holds for it (the weight, read whole, comes on top of the budget).
 """
 
 import os
@@ -36,7 +42,7 @@ from ... import _dispatch, _dtypes, _reductions
 from ... import Score
 from ..common import CommandError, warn
 from .files import Output, Pages
-from .inputs import check_shapes, first_bad_label, open_inputs
+from .inputs import check_shapes, first_bad_label, open_hidden, open_inputs
 
 FIELDS = Score._fields
 #: Fields that are per-row values of the loss dtype (the others: argmax int64, correct bool).
@@ -58,8 +64,12 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def score_file(logits_path, labels_path, out_path, *, fields="loss", reduction="none", ignore_index=None,
-               axis=-1, backend=None, memory="256M", bfloat16=False, progress=None, scheduler=None):
+               axis=-1, backend=None, memory="256M", bfloat16=False, progress=None, weight_path=None,
+               bias_path=None, scheduler=None):
     """Score ``logits_path`` against ``labels_path`` into ``out_path``; see the module docstring.
+
+    With ``weight_path`` (and optionally ``bias_path``), ``logits_path`` holds hidden
+    states and the scores are ``hidden @ weight.T + bias``.
 
     Returns ``{"summary": one line for stderr, "stdout": lines (reduced values),
     "rows", "seconds", "values", "chunk_rows"}``. Raises
@@ -72,15 +82,22 @@ def score_file(logits_path, labels_path, out_path, *, fields="loss", reduction="
     kind = _output_kind(out_path, names, reduction)
     _check_not_an_input(out_path, (logits_path, labels_path))
 
-    logits, labels = open_inputs(logits_path, labels_path, bfloat16=bfloat16)
-    ax = check_shapes(logits, labels, axis, logits_path, labels_path)
-    plan = _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_path)
+    head = None
+    if weight_path is None:
+        logits, labels = open_inputs(logits_path, labels_path, bfloat16=bfloat16)
+        ax = check_shapes(logits, labels, axis, logits_path, labels_path)
+    else:
+        if axis != -1:
+            raise CommandError(f"--axis {axis}: hidden states are (rows, H); the classes are the weight's rows")
+        logits, labels, head = open_hidden(logits_path, labels_path, weight_path, bias_path, bfloat16=bfloat16)
+        ax = 1
+    plan = _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_path, head)
     message = first_bad_label(labels, plan.classes, ignore_index, max(plan.chunk, LABEL_SCAN_ROWS))
     if message is not None:
         raise CommandError(f"{labels_path}: {message}")
 
     if scheduler is None:
-        compute = _library_call(ax, ignore_index, backend, plan.loss_only)
+        compute = _library_call(ax, ignore_index, backend, plan.loss_only, head, budget)
         if plan.rows:
             # One row, untimed: loads (or compiles) the kernels, so rows/s is the streaming's.
             try:
@@ -89,6 +106,9 @@ def score_file(logits_path, labels_path, out_path, *, fields="loss", reduction="
                 raise CommandError(f"{logits_path}: {exc}") from None
         chunks = _chunks_here(logits, labels, plan, compute, logits_path)
     else:
+        if head is not None:
+            raise CommandError("--scheduler with --hidden: hidden states are scored on this machine "
+                               "(the cluster path streams logits); drop one of them")
         chunks = _chunks_on_cluster(scheduler, logits, labels, ax, plan, ignore_index, backend, logits_path)
         progress = None  # a Dask progress bar instead
     output = Output(out_path, kind, names) if kind else None
@@ -199,8 +219,9 @@ class _Plan:
     row_bytes: int    # memory one row of the first axis takes while it is scored
 
 
-def _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_path):
-    """How many rows of the first axis a chunk holds under ``budget`` bytes (module docstring)."""
+def _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_path, head=None):
+    """How many rows of the first axis a chunk holds under ``budget`` bytes (module docstring);
+    ``head`` the ``(weight, bias)`` of hidden states."""
     rows = logits.shape[0]
     per_row = int(np.prod(labels.shape[1:], dtype=np.int64))
     loss_dtype = _dtypes.loss_dtype(logits.dtype)
@@ -208,11 +229,13 @@ def _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_
                      else np.dtype(np.bool_)) for name in FIELDS}
     loss_only = names == ["loss"]
     logits_row = int(np.prod(logits.shape[1:], dtype=np.int64)) * logits.dtype.itemsize
+    classes = logits.shape[ax] if head is None else head[0].shape[0]
+    if head is not None:  # a row of hidden states, and the block's scores of that row
+        logits_row += classes * _dtypes.accumulation_dtype(logits.dtype).itemsize
     row_bytes = (logits_row * (1 if ax == logits.ndim - 1 else 2)
                  + per_row * (labels.dtype.itemsize + MASK_BYTES_PER_LABEL)
                  + per_row * (loss_dtype.itemsize if loss_only else sum(d.itemsize for d in dtypes.values()))
                  + (per_row * sum(dtypes[n].itemsize for n in names) if reduction == "none" else 0))
-    classes = logits.shape[ax]
     if backend == "numpy":
         row_bytes += per_row * classes * REFERENCE_BYTES_PER_SCORE
     chunk = budget // max(1, row_bytes)
@@ -234,18 +257,29 @@ def _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_
 # Streaming
 # ----------------------------------------------------------------------------
 
-def _library_call(ax, ignore_index, backend, loss_only):
-    """``compute(x, y) -> {field: numpy array}``: one chunk through the public API."""
+def _library_call(ax, ignore_index, backend, loss_only, head=None, budget=None):
+    """``compute(x, y) -> {field: numpy array}``: one chunk through the public API (of the
+    linear functions, within ``budget``, when ``head`` holds the weight and bias)."""
     import fastxent
 
     on_device = backend == "cupy"
+    if on_device and head is not None:
+        import cupy
+
+        head = tuple(None if a is None else cupy.asarray(a) for a in head)
 
     def compute(x, y):
         if on_device:
             import cupy
 
             x, y = cupy.asarray(x), cupy.asarray(y)
-        if loss_only:
+        if head is not None:
+            options = dict(ignore_index=ignore_index, memory=budget, backend=backend)
+            if loss_only:
+                values = {"loss": fastxent.linear_cross_entropy(x, head[0], y, head[1], **options)}
+            else:
+                values = fastxent.linear_score(x, head[0], y, head[1], **options)._asdict()
+        elif loss_only:
             values = {"loss": fastxent.sparse_softmax_cross_entropy(
                 x, y, axis=ax, ignore_index=ignore_index, backend=backend)}
         else:
