@@ -22,7 +22,6 @@ import numpy as np
 from . import _dispatch, _dtypes, _reductions
 from . import _validate as check
 from ._score import Score
-from .backends import BadLabels
 
 # ----------------------------------------------------------------------------
 # Shared plumbing
@@ -127,12 +126,8 @@ def _prepare(fn, backend, first_name, first, labels, *, second_name="labels", ax
 @contextlib.contextmanager
 def _device_labels(call, ignore_index):
     """Turn a device backend's :class:`~fastxent.backends.BadLabels` into the host path's ValueError."""
-    try:
+    with check.device_labels(call.labels, call.first.shape[call.axis], ignore_index):
         yield
-    except BadLabels:
-        count = call.first.shape[call.axis]
-        message = check.bad_label_message(call.labels.get(), count, ignore_index)
-        raise ValueError(message or f"labels hold a class id outside [0, {count})") from None
 
 
 def _run(call, fn, denominator, options, reference_options, ignore_index=None):
@@ -223,7 +218,8 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
     ignore_index : int or None
         Label value whose rows are skipped (PyTorch uses -100).
     class_weight : array (C,) or None
-        Finite, non-negative weight per class.
+        Finite weight per class, any sign (as in PyTorch); ``"mean"`` divides by
+        ``sum_i w[y_i]`` over the counted rows, and is 0.0 when that sum is 0.
     label_smoothing : float in [0, 1]
     z_loss : float >= 0
         PaLM's auxiliary ``z_loss * lse**2`` per counted row.

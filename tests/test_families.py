@@ -563,3 +563,14 @@ if __name__ == "__main__":   # count the compiled variants a run of this file tr
               if name.endswith("_kernel") and hasattr(kernel, "signatures")}
     print(counts, "total", sum(counts.values()))
     sys.exit(code)
+
+
+@pytest.mark.parametrize("backend", ["numba"])
+def test_sigmoid_tiny_losses_keep_their_relative_precision(backend):
+    """x = -20..-80 with z = 0 (and the mirror x > 0, z = 1): losses of 2e-9..2e-35, where
+    the literal ``(1-z) x + w softplus(-x)`` loses every digit in float32."""
+    x = np.concatenate([-np.linspace(20, 80, 13), np.linspace(20, 80, 13)]).astype(np.float32)
+    z = (x > 0).astype(np.float32)
+    expected = np.log1p(np.exp(-np.abs(x.astype(np.float64))))
+    got = fx.sigmoid_cross_entropy(x, z, backend=backend).astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0)

@@ -267,3 +267,30 @@ def test_inputs_are_not_modified():
     fx.log_softmax(logits), fx.softmax(logits), fx.logsumexp(logits)
     for before, after in zip(saved, (logits, labels, soft, weights, upstream)):
         np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_class_weights_are_linear_like_torch(backend):
+    # PyTorch accepts any real class weights (its own module tests draw them
+    # from [-9, 9]); the loss is linear in them, so the kernels need no sign rule.
+    logits = make_logits((9, 5), np.float64)
+    labels = make_class_ids((9,), 5, ignore_index=-100, ignore_fraction=0.3)
+    weights = np.array([1.5, -2.0, 0.25, -0.5, 3.0])
+    options = dict(ignore_index=-100, class_weight=weights, label_smoothing=0.1, z_loss=1e-3)
+    for reduction in ("none", "sum", "mean"):
+        expected = ref.sparse_softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
+                                                    **options)
+        got = fx.sparse_softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
+                                              backend=backend, **options)
+        compare(got, expected, np.float64, f"{backend} negative weights {reduction}")
+
+    def unreduced(w):
+        return fx.sparse_softmax_cross_entropy(logits, labels, ignore_index=-100, class_weight=w,
+                                               backend=backend)
+
+    assert_close(unreduced(np.maximum(weights, 0)) + unreduced(np.minimum(weights, 0)), unreduced(weights),
+                 np.float64, "value", "linear in the weights")
+    # Weights summing to zero over the counted rows: the mean is still 0.0.
+    loss, grad = fx.sparse_softmax_cross_entropy(logits[:2], np.array([0, 1]), class_weight=[2.0, -2.0, 1, 1, 1],
+                                                 reduction="mean", return_grad=True, backend=backend)
+    assert float(loss) == 0.0 and not grad.any()

@@ -36,30 +36,13 @@ import numpy as np
 
 from ... import _config
 from ..._score import Score
+from .. import FUNCTIONS, Partials
 from . import _args as a
 from . import _build, _plans
-from ._build import acc_dtype_name, get_kernel, instantiations, kernel_source, name_expression, precompile  # noqa: F401
+from ._build import acc_dtype_name, get_kernel, instantiations, kernel_source, name_expression, precompile
 from ._plans import row_plan, split_plan, vec_ok, vector_width
 
-__all__ = [
-    "sparse_softmax_cross_entropy",
-    "softmax_cross_entropy",
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-    "log_softmax",
-    "softmax",
-    "logsumexp",
-    "softmax_cross_entropy_hvp",
-    "sigmoid_cross_entropy_hessian_diag",
-    "score",
-    "get_kernel",
-    "instantiations",
-    "kernel_source",
-    "name_expression",
-    "precompile",
-]
+__all__ = [*FUNCTIONS, "get_kernel", "instantiations", "kernel_source", "name_expression", "precompile"]
 
 # Values of softmax_rows' mode argument (SoftmaxMode in softmax_rows.cu).
 _MODE_LOGSUMEXP, _MODE_LOG_SOFTMAX, _MODE_SOFTMAX = 0, 1, 2
@@ -334,3 +317,67 @@ def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *,
                             (probs, targets, a.i64(probs.size), lo, hi, a.f64(label_smoothing), scale, scale_value,
                              loss, a.pointer(grad)), loss, grad)
         return _finish(loss, grad, total)
+
+
+# ----------------------------------------------------------------------------
+# A block of classes of a split row
+# ----------------------------------------------------------------------------
+
+def _block_ids(labels, n_rows):
+    """A split row's class ids as int64 (one instantiation per kernel: N ids beside N x C scores)."""
+    import cupy
+
+    if labels is None:
+        return cupy.full(n_rows, -1, dtype=np.int64)
+    return a.class_ids(labels, n_rows).astype(np.int64, copy=False)
+
+
+def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments):
+    """Partial statistics of a block ``(N, Cb)`` of classes from ``offset``: a
+    :class:`fastxent._partials.Partials` of (N,) arrays."""
+    import cupy
+
+    n_rows, n_classes = logits.shape
+    with a.device(logits):
+        acc = acc_dtype_name(logits.dtype)
+        peak, total, target, anchor, gap = (cupy.zeros(n_rows, dtype=acc) for _ in range(5))
+        spread = cupy.zeros(n_rows, dtype=acc) if moments else None
+        best = cupy.zeros(n_rows, dtype=np.int64) if moments else None
+        best_value = cupy.zeros(n_rows, dtype=acc) if moments else None
+        if n_rows == 0:
+            return Partials(peak, total, target, anchor, gap, spread, best, best_value)
+        ids = _block_ids(labels, n_rows)
+        ignore, has_ignore = a.ignore_args(ignore_index)
+        plan = row_plan(n_rows, n_classes, n_classes * logits.dtype.itemsize, _info(logits), False)
+        head = (logits, ids, a.i64(n_rows), a.i64(n_classes), a.i64(offset), ignore, has_ignore)
+        vec = a.i32(vec_ok(vector_width(logits.dtype), logits))
+        if moments:
+            a.launch(_build.get_kernel("score_partials_rows", logits.dtype, plan.group), plan.grid, plan.threads,
+                     head + (peak, total, target, spread, best, best_value, vec))
+        else:
+            a.launch(_build.get_kernel("sparse_partials_rows", logits.dtype, plan.group), plan.grid, plan.threads,
+                     head + (a.block_weights(class_weight, offset, n_classes),
+                             a.f64(softcap if softcap is not None else 0.0), peak, total, target, anchor, gap, vec))
+    return Partials(peak, total, target, anchor, gap, spread, best, best_value)
+
+
+def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,
+                       target_coef, weight_coef):
+    """The gradient of a block ``(N, Cb)`` of classes from ``offset``, from the rows' merged
+    normaliser and coefficients; in the logits' dtype."""
+    n_rows, n_classes = logits.shape
+    with a.device(logits):
+        grad = a.empty(logits.shape, logits.dtype)
+        if n_rows == 0:
+            return grad
+        ignore, has_ignore = a.ignore_args(ignore_index)
+        weights = a.block_weights(class_weight, offset, n_classes)
+        rows = [a.row_values(name, values, n_rows) for name, values in
+                (("shift", shift), ("log_sum", log_sum), ("p_coef", p_coef), ("target_coef", target_coef))]
+        coef = a.NULL if class_weight is None else a.row_values("weight_coef", weight_coef, n_rows)
+        plan = row_plan(n_rows, n_classes, n_classes * logits.dtype.itemsize, _info(logits), False)
+        a.launch(_build.get_kernel("softmax_block_grad_rows", logits.dtype, plan.group), plan.grid, plan.threads,
+                 (logits, _block_ids(labels, n_rows), a.i64(n_rows), a.i64(n_classes), a.i64(offset), ignore,
+                  has_ignore, weights, a.f64(softcap if softcap is not None else 0.0), *rows, coef, grad,
+                  a.i32(vec_ok(vector_width(logits.dtype), logits, grad))))
+    return grad

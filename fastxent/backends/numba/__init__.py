@@ -11,6 +11,8 @@ kernels live by job:
 * ``_softmax``: sparse and soft-label softmax cross-entropy, logsumexp,
   log_softmax, softmax;
 * ``_moments``: ``score`` and the softmax hvp (one-read row moments);
+* ``_partials``: a block of classes of a split row (partial statistics, the
+  block's gradient from the merged normaliser);
 * ``_elementwise``: sigmoid cross-entropy and its Hessian diagonal;
 * ``_probs``: binary, categorical and sparse categorical cross-entropy on probabilities.
 
@@ -27,23 +29,11 @@ import numpy as np
 
 from ... import _config, _dtypes
 from ..._score import Score
-from . import _elementwise, _moments, _probs, _softmax
+from .. import FUNCTIONS, Partials
+from . import _elementwise, _moments, _partials, _probs, _softmax
 from ._rows import IN_PLACE
 
-__all__ = [
-    "sparse_softmax_cross_entropy",
-    "softmax_cross_entropy",
-    "sigmoid_cross_entropy",
-    "binary_cross_entropy",
-    "categorical_cross_entropy",
-    "sparse_categorical_cross_entropy",
-    "log_softmax",
-    "softmax",
-    "logsumexp",
-    "softmax_cross_entropy_hvp",
-    "sigmoid_cross_entropy_hessian_diag",
-    "score",
-]
+__all__ = list(FUNCTIONS)
 
 # ----------------------------------------------------------------------------
 # Arrays as the kernels read them
@@ -328,3 +318,43 @@ def score(logits, labels, ignore_index):
     _moments.score_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index), loss, lse, target,
                           entropy, argmax, correct, _acc(logits.dtype))
     return Score(loss, lse, target, entropy, argmax, correct)
+
+
+# ----------------------------------------------------------------------------
+# A block of classes of a split row
+# ----------------------------------------------------------------------------
+
+def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments):
+    acc = _acc(logits.dtype)
+    rows = logits.shape[0]
+    peak, total, target = (_loss_out(rows, logits.dtype) for _ in range(3))
+    anchor = np.zeros(rows, dtype=acc)
+    gap = np.zeros(rows, dtype=acc)
+    spread = _loss_out(rows, logits.dtype) if moments else None
+    best = np.empty(rows, dtype=np.int64) if moments else None
+    best_value = _loss_out(rows, logits.dtype) if moments else None
+    # No labels: class ids of -1, in no block (one compiled kernel for both cases).
+    ids = np.full(rows, -1, dtype=np.int64) if labels is None else _class_ids(labels)
+    _partials.partials_kernel(_kernel_view(logits), ids,
+                              _ignore_value(ignore_index), np.int64(offset),
+                              None if class_weight is None else _readonly(class_weight.astype(acc)),
+                              None if softcap is None else acc(softcap), peak, total, target, anchor, gap, spread,
+                              best, best_value, acc)
+    return Partials(peak, total, target, anchor, gap, spread, best, best_value)
+
+
+def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,
+                       target_coef, weight_coef):
+    acc = _acc(logits.dtype)
+    grad, view = _new_like(logits)
+
+    def rows(values):
+        return _readonly(np.ascontiguousarray(values, dtype=np.float64))
+
+    # An unused weight_coef is an empty float64 array: one compiled signature for both cases.
+    _partials.block_grad_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index),
+                                np.int64(offset), None if class_weight is None else _readonly(class_weight.astype(acc)),
+                                None if softcap is None else acc(softcap), rows(shift), rows(log_sum), rows(p_coef),
+                                rows(target_coef), rows(np.zeros(0) if weight_coef is None else weight_coef), view,
+                                acc)
+    return grad

@@ -22,8 +22,10 @@ FASTMATH = nm.KERNEL_FASTMATH
 
 #: Every kernel: parallel over rows (or blocks of elements), cached on disk,
 #: ``error_model="numpy"`` (a division by zero gives IEEE inf/NaN, as the
-#: reference does, and adds no zero-check branch to a vector loop).
-kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+#: reference does, and adds no zero-check branch to a vector loop), and
+#: ``nogil``: a kernel releases the GIL, so Python threads (Dask's threaded
+#: scheduler, ``fastxent.dask``) run kernels on different blocks at once.
+kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 
 #: Every helper: inlined into the calling kernel by Numba, same flags.
 inline = njit(inline="always", fastmath=FASTMATH, error_model="numpy")
