@@ -127,7 +127,7 @@ def main():
                  _median_ms(lambda: _call(kind, buffer, labels, True), args.repeat)]
         torch_run = _torch_call(kind, logits, labels)
         torch_ms = f"{_median_ms(torch_run, max(2, args.repeat // 2)):.1f} ms" if torch_run else "-"
-        del buffer
+        buffer = None   # freed before the subprocesses measure their peaks
         peaks = [_peak_mb(case, False), _peak_mb(case, True)]
         print(f"| {case} | {times[0]:.1f} ms | {times[1]:.1f} ms | {times[2]:.1f} ms | {torch_ms} | "
               f"{logits.nbytes / 1e6:.0f} | {peaks[0]:.0f} | {peaks[1]:.0f} |", flush=True)
