@@ -177,8 +177,7 @@ def test_backend_numpy_is_the_reference():
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
 def test_numba_inplace_gradient_over_the_logits(dtype, option):
     """The backend's inplace mode writes the gradient over the scores: the same loss and
-    gradient as a separate buffer (bit for bit where the same pass runs; smoothed
-    float32/float64 rows recompute the exponentials inplace, within rounding)."""
+    gradient as a separate buffer."""
     options = sparse_options(option, V)
     logits = (np.random.default_rng(6).standard_normal((N, V)) * 4).astype(dtype)
     labels = make_class_ids(N, V, ignore_index=options.get("ignore_index"), ignore_fraction=0.2)
@@ -189,10 +188,10 @@ def test_numba_inplace_gradient_over_the_logits(dtype, option):
     loss_inplace, grad_inplace = numba_backend.sparse_softmax_cross_entropy(buffer, labels, *arguments,
                                                                             inplace=True)
     assert grad_inplace is buffer
-    exact = not (options.get("label_smoothing") and options.get("softcap") is None and dtype.itemsize >= 4)
-    tol = (0.0, 0.0) if exact else None
-    assert_close(loss_inplace, loss, dtype, "value", "inplace loss", tol=tol)
-    assert_close(grad_inplace, grad, dtype, "stored", "inplace grad", tol=tol)
+    # Within the dtype's tolerance, not bit for bit: the two calls are separately compiled
+    # kernels, and LLVM may contract or vectorise a sum differently (1 ulp of a float32 loss seen).
+    assert_close(loss_inplace, loss, dtype, "value", "inplace loss")
+    assert_close(grad_inplace, grad, dtype, "stored", "inplace grad")
 
 
 # ----------------------------------------------------------------------------
