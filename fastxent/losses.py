@@ -126,7 +126,9 @@ def _prepare(fn, backend, first_name, first, labels, *, second_name="labels", ax
 @contextlib.contextmanager
 def _device_labels(call, ignore_index):
     """Turn a device backend's :class:`~fastxent.backends.BadLabels` into the host path's ValueError."""
-    with check.device_labels(call.labels, call.first.shape[call.axis], ignore_index):
+    # elementwise calls (axis None) have no class ids, so no device backend flags them
+    count = None if call.axis is None else call.first.shape[call.axis]
+    with check.device_labels(call.labels, count, ignore_index):
         yield
 
 
