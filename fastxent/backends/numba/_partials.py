@@ -32,7 +32,7 @@ def _block_sum_exp(row, softcap, acc):
     2-core Xeon (AVX-512). An all ``-inf`` row gives ``(-inf, 0)``, a row holding NaN
     or ``+inf`` a NaN ``s``.
     """
-    peak = capped(chunk_max(row, 0, row.shape[0], acc), softcap)
+    peak = capped(chunk_max(row, acc), softcap)
     shift = peak if peak != -np.inf else acc(0.0)   # all -inf: exp(-inf - 0) = 0
     total = acc(0.0)
     for j in range(row.shape[0]):
