@@ -878,7 +878,7 @@ def _linear_arrays(input, linear_weight, linear_bias, target, weight, spec, memo
     if target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target holds class indices and must be an integer tensor, got {target.dtype}")
     reduction = spec.reduction
-    if reduction == "mean" and _counted_weight(target, weight, spec.ignore_index, linear_weight.shape[0]) == 0.0:
+    if reduction == "mean" and _counted_weight(_as_array(target), weight, spec.ignore_index) == 0.0:
         reduction = "sum"
     with _on_stream_of(input):
         result = fx.linear_cross_entropy(
@@ -988,7 +988,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     spec = _Spec(-100 if ignore_index is None else ignore_index, _reduction_of(None, None, reduction),
                  label_smoothing, z_loss, softcap)
     if reason is None and spec.reduction == "mean" and not z_loss and softcap is None and _counted_weight(
-            target, weight, spec.ignore_index, linear_weight.shape[0]) == 0.0:
+            _as_array(target), weight, spec.ignore_index) == 0.0:
         reason = "a mean over a zero denominator"  # torch's division by zero, its gradients
     if reason is not None:
         if z_loss or softcap is not None:
