@@ -8,6 +8,7 @@
 #                           (skipped where this CPU has AVX-512 off already)
 #   linear.{json,txt}    fastxent bench --linear (fused linear + cross-entropy)
 #   inplace.txt          bench/bench_inplace.py (time and peak memory of inplace=True)
+#   dask_scaling.{json,txt}  bench/dask_scaling.py (rows/s in process, Dask threads, 2-process cluster)
 # Usage: bash bench/run_cpu.sh [--quick]   (--quick: fastxent bench --quick only, a smoke test)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,6 +40,7 @@ fi
 if [[ ${#quick[@]} == 0 ]]; then
     "$PYTHON" -m fastxent.cli bench --linear --json "$OUT/linear.json" 2>&1 | tee "$OUT/linear.txt" || status=1
     "$PYTHON" bench/bench_inplace.py 2>&1 | tee "$OUT/inplace.txt" || status=1
+    "$PYTHON" bench/dask_scaling.py --json "$OUT/dask_scaling.json" 2>&1 | tee "$OUT/dask_scaling.txt" || status=1
 fi
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
 exit $status
