@@ -37,11 +37,15 @@ def reduce(loss, reduction, denominator, xp=np):
     (a mean over a zero denominator is 0.0)."""
     if reduction == "none":
         return loss
-    total = loss.sum(dtype=np.float64)
-    if reduction == "mean":
-        denominator = float(denominator)
-        total = total / denominator if denominator != 0.0 else total * 0.0
-    return xp.asarray(total, dtype=loss.dtype)
+    if reduction == "mean" and float(denominator) == 0.0:
+        # not sum * 0.0: rows that count for nothing may still hold inf (a smoothed row of
+        # weight 0 with a masked class), and inf * 0.0 is NaN
+        return xp.zeros((), dtype=loss.dtype)
+    with np.errstate(over="ignore"):   # a sum beyond the loss dtype is inf, as the kernels' losses are
+        total = loss.sum(dtype=np.float64)
+        if reduction == "mean":
+            total = total / float(denominator)
+        return xp.asarray(total, dtype=loss.dtype)
 
 
 def empty_mean(reduction, denominator):

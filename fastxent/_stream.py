@@ -12,8 +12,10 @@ whatever the size of the files.
 
 Chunk size (rows of the first axis)::
 
-    chunk = memory // (logits_row * (2 if the class axis is not last else 1)
-                       + labels_row + 4 bytes per label (masks)
+    chunk = memory // (logits_row * (1 + 1 if the class axis is not last
+                                    + 1 if the file's byte order is not the machine's)
+                       + labels_row * (2 if its byte order is not the machine's else 1)
+                       + 4 bytes per label (masks)
                        + library_results_row + written_fields_row
                        [+ 48 bytes per score with backend "numpy"])
 
@@ -361,8 +363,10 @@ def score_file(logits_path, labels_path, out_path, *, fields="loss", reduction="
                          else np.dtype(np.bool_)) for name in FIELDS}
     loss_only = names == ["loss"]
     logits_row = int(np.prod(logits.shape[1:], dtype=np.int64)) * logits.dtype.itemsize
-    row_bytes = (logits_row * (1 if ax == logits.ndim - 1 else 2)
-                 + per_row * (labels.dtype.itemsize + 4)
+    # a chunk in the other byte order is copied once more (fastxent brings it to the native order)
+    copies = 1 + (ax != logits.ndim - 1) + (not logits.dtype.isnative)
+    row_bytes = (logits_row * copies
+                 + per_row * (labels.dtype.itemsize * (1 + (not labels.dtype.isnative)) + 4)
                  + per_row * (loss_dtype.itemsize if loss_only else sum(d.itemsize for d in out_dtypes.values()))
                  + (per_row * sum(out_dtypes[n].itemsize for n in names) if reduction == "none" else 0))
     if backend == "numpy":

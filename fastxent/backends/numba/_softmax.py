@@ -13,6 +13,7 @@ from . import _math as nm
 from ._rows import (
     capped,
     capped_slope,
+    half_gap,
     inline,
     kernel,
     log_prob,
@@ -90,7 +91,9 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
     # Typed constants: Numba makes ``1 - float32`` a float64, which would pull
     # the per-element loops into float64.
     share = smoothing / acc(count)
+    twice_share = share + share
     keep = acc(1.0) - smoothing
+    half = acc(0.5)
     for i in prange(logits.shape[0]):
         label = labels[i]
         if label == ignore_index:
@@ -103,13 +106,19 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
         lse = shift + log_sum
         target = capped(nm.load(row[label]), softcap)
         weight = class_weight[label]
-        value = keep * weight * -log_prob(target, shift, log_sum) + _z_term(z_loss, lse)
+        # -log p_y = (shift - t_y) + log_sum, halved (half_gap) and weighted twice; a zero
+        # weight (class_weight, or label_smoothing = 1) times an infinite -log p_y adds 0
+        # (the reference's xlogy), not NaN.
+        own = keep * weight
+        value = xlogy_term(own + own, half_gap(shift, target, half) + log_sum * half) + _z_term(z_loss, lse)
         if smoothing != 0:
-            gap = acc(0.0)   # sum_c w_c (shift - t_c): the smoothing term without W lse's cancellation
+            # (e/C) sum_c w_c (shift - t_c): the smoothing term without W lse's cancellation,
+            # e/C inside the sum so that it overflows only where the loss does.
+            gap = acc(0.0)
             for j in range(count):
-                gap += class_weight[j] * (shift - capped(nm.load(row[j]), softcap))
-            value += share * (weight_total * log_sum + gap)
-        loss[i] = value
+                gap += xlogy_term(twice_share * class_weight[j], half_gap(shift, capped(nm.load(row[j]), softcap), half))
+            value += share * weight_total * log_sum + gap
+        loss[i] = value if log_sum == log_sum else log_sum   # a NaN row is NaN whatever its weights
         if grad is not None:
             g = acc(scale[i * step])
             z_slope = acc(2.0) * z_loss * lse if z_loss != 0 else z_loss
@@ -148,6 +157,7 @@ def sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, loss
     """
     rows, count = logits.shape
     block = _ROW_BLOCK
+    half = acc(0.5)
     for b in prange((rows + block - 1) // block):
         first = b * block
         size = min(block, rows - first)
@@ -178,9 +188,12 @@ def sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, loss
             if label == ignore_index:
                 loss[first + r] = 0
             else:
-                gap = -log_prob(nm.load(flat[r * count + label]), peaks[r], totals[r])
+                # the sparse kernel's target term: halved, weighted twice, 0 for a zero weight
+                weight = class_weight[label]
+                gap = half_gap(peaks[r], nm.load(flat[r * count + label]), half) + totals[r] * half
                 lse = peaks[r] + totals[r]
-                loss[first + r] = class_weight[label] * gap + _z_term(z_loss, lse)
+                value = xlogy_term(weight + weight, gap) + _z_term(z_loss, lse)
+                loss[first + r] = value if totals[r] == totals[r] else totals[r]
 
 
 @kernel
@@ -193,6 +206,7 @@ def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss,
     count = logits.shape[1]
     share = smoothing / acc(count)
     keep = acc(1.0) - smoothing
+    half = acc(0.5)
     for i in prange(logits.shape[0]):
         row = logits[i]
         targets = labels[i]
@@ -202,7 +216,7 @@ def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, loss,
         for j in range(count):
             y = smoothed(targets[j], keep, share, acc)
             label_total += y
-            gap += xlogy_term(y, shift - capped(nm.load(row[j]), softcap))
+            gap += xlogy_term(y + y, half_gap(shift, capped(nm.load(row[j]), softcap), half))
         loss[i] = label_total * log_sum + gap
         if grad is not None:
             g = acc(scale[i * step])
