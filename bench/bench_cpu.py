@@ -10,6 +10,10 @@ In the normal test run benchmarks are disabled (``--benchmark-disable`` in
 pyproject.toml): each case then runs once, on a shape scaled down to a few
 MB, as a smoke test that the peers and fastxent agree.
 
+The data (spiky synthetic logits), the peers and the agreement check (the
+float64 reference, tolerances by dtype) are those of ``fastxent bench``
+(``fastxent.cli.bench``).
+
 Every entry of a group is measured in the same process, one after the other,
 so the ratios are meaningful on a shared machine even when absolute times drift.
 """
@@ -17,8 +21,7 @@ so the ratios are meaningful on a shared machine even when absolute times drift.
 import numpy as np
 import pytest
 
-import fastxent as fx
-from fastxent import _peers
+from fastxent.cli.bench import agreement, cases, peers
 
 SHAPES = {
     "sparse_fwd": [(4096, 32000), (65536, 1000), (1_000_000, 10)],
@@ -31,7 +34,7 @@ CASES = [(op, shape) for op, shapes in SHAPES.items() for shape in shapes]
 CASE_IDS = [f"{op}-{n}x{c}" for op, (n, c) in CASES]
 
 #: Entries measured beside fastxent: the one-read yardstick, the float64
-#: reference (fastxent's numpy backend) and the peers of ``fastxent._peers``.
+#: reference (fastxent's numpy backend) and the peers of ``fastxent.cli.bench.peers``.
 ENTRIES = ["fastxent", "read", "reference", "numpy", "torch"]
 
 _DATA = {}
@@ -43,21 +46,14 @@ def _smoke_shape(shape):
 
 
 def _data(op, shape):
+    """``(logits, labels, reference)``: ``fastxent bench``'s synthetic data, one case at a time."""
     key = (op, shape)
     if key not in _DATA:
         _DATA.clear()  # one case's arrays at a time: 4096x32000 float32 is 524 MB
-        logits = np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 3
-        _DATA[key] = (logits, _peers.make_labels(op, shape))
+        logits = cases.synthetic_logits(shape, np.float32)
+        labels = cases.make_labels(op, shape)
+        _DATA[key] = (logits, labels, agreement.Reference(logits, labels))
     return _DATA[key]
-
-
-def _first(result):
-    """The per-row (or reduced) loss of a result, for agreement checks."""
-    if isinstance(result, tuple):
-        return np.asarray(result[0], dtype=np.float64)
-    if isinstance(result, fx.Score):
-        return np.asarray(result.loss, dtype=np.float64)
-    return np.asarray(result, dtype=np.float64)
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -66,29 +62,20 @@ def bench_cpu(benchmark, op, shape, entry):
     if benchmark.disabled:
         shape = _smoke_shape(shape)
     benchmark.group = f"{op}|{shape[0]}x{shape[1]}|float32"
-    logits, labels = _data(op, shape)
+    logits, labels, ref = _data(op, shape)
     if entry == "fastxent":
-        call = _peers.fastxent_call(op, logits, labels)
+        call = peers.fastxent_call(op, logits, labels)
     elif entry == "reference":
         if not benchmark.disabled and logits.size > 50_000_000:
             pytest.skip("the float64 reference needs 8 bytes/element; measured on the smaller shapes")
-        call = _peers.fastxent_call(op, logits, labels, backend="numpy")
+        call = peers.fastxent_call(op, logits, labels, backend="numpy")
     elif entry == "read":
-        call = _peers.read_yardstick(logits)
+        call = peers.read_yardstick(logits)
     else:
-        if entry not in _peers.installed_peers(op):
+        if entry not in peers.installed_peers(op):
             pytest.skip(f"{entry} has no {op} here (not installed or no such peer)")
-        call = _peers.peer_call(op, entry, logits, labels)
+        call = peers.peer_call(op, entry, logits, labels)
     result = benchmark(call)
     if entry != "read":
-        np.testing.assert_allclose(_first(result), _expected(op, shape), rtol=2e-4, atol=2e-4,
-                                   err_msg=f"{entry} disagrees with the reference on {op}")
-
-
-def _expected(op, shape):
-    """The reference's loss for the current case, computed once per case."""
-    key = ("expected", op, shape)
-    if key not in _DATA:
-        logits, labels = _data(op, shape)
-        _DATA[key] = _first(_peers.fastxent_call(op, logits, labels, backend="numpy")())
-    return _DATA[key]
+        problem = agreement.check(op, result, ref)
+        assert problem is None, f"{entry} disagrees with the reference on {op}: {problem}"

@@ -146,18 +146,25 @@ def time_alternating(size, warmup, reps):
     losses = {name: make_loss_only(logits, fn, target) for name, fn in LOSSES.items()}
     results = {}
     for kind, calls in (("step", steps), ("loss", losses)):
-        times = {name: [] for name in calls}
-        order = list(calls)
-        for rep in range(warmup + reps):
-            for name in order if rep % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                calls[name]()
-                elapsed = time.perf_counter() - start
-                if rep >= warmup:
-                    times[name].append(elapsed)
+        times = round_robin(calls, warmup, reps)
         results[kind] = {name: statistics.median(ts) for name, ts in times.items()}
         results[kind + "_all"] = times
     return results
+
+
+def round_robin(calls, warmup, reps):
+    """``{name: [seconds per timed call]}``: every call once per repetition, the order
+    reversed every other one, the first ``warmup`` repetitions untimed."""
+    times = {name: [] for name in calls}
+    order = list(calls)
+    for rep in range(warmup + reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            elapsed = time.perf_counter() - start
+            if rep >= warmup:
+                times[name].append(elapsed)
+    return times
 
 
 def _status_kib(field):

@@ -11,8 +11,6 @@ import json
 import sys
 from collections import defaultdict
 
-ENTRIES = ("fastxent", "read", "reference", "numpy", "torch")
-
 
 def table(path):
     with open(path) as handle:

@@ -15,7 +15,8 @@ kernels are compiled (and cached on disk) on first use.
 """
 
 from ._dispatch import available_backends, use_backend
-from ._score import Score
+from ._score import LinearGrad, Score
+from .linear import linear_cross_entropy, linear_score
 from .losses import (
     binary_cross_entropy,
     categorical_cross_entropy,
@@ -34,10 +35,13 @@ from .losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearGrad",
     "Score",
     "available_backends",
     "binary_cross_entropy",
     "categorical_cross_entropy",
+    "linear_cross_entropy",
+    "linear_score",
     "log_softmax",
     "logsumexp",
     "score",

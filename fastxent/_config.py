@@ -22,11 +22,34 @@ BACKEND_ENV = "FASTXENT_BACKEND"
 #: Also the elements per block of the elementwise kernels.
 NUMBA_CHUNK = 2048
 
+#: Scores per prange task of the Numba fused row kernels (a task is as many rows
+#: as make about this many, at least one): each task allocates one scratch row
+#: for the kept exponentials, so a malloc per row of 1000 classes is not paid.
+NUMBA_TASK_CLASSES = 16384
+
 #: Rows per block in the Numba kernels for short rows (C below this): one
 #: prange iteration handles a block of rows so per-iteration overhead and the
 #: scalar remainder of a 10-wide row are amortised.
 NUMBA_SHORT_ROW = 64
 NUMBA_ROW_BLOCK = 256
+
+# ----------------------------------------------------------------------------
+# Linear + cross-entropy (fastxent.linear)
+# ----------------------------------------------------------------------------
+
+#: Default ``memory=`` budget of the logits blocks: this fraction of the machine's
+#: physical memory (of the device's free memory for CUDA arrays), clipped to
+#: [LINEAR_MEMORY_MIN, LINEAR_MEMORY_MAX]. 512 MiB holds 4096 float32 rows of 32000
+#: classes or 1046 of 128256; below ~512 rows per block the two-core machines' BLAS
+#: loses speed (bench/bench_linear.py --blocks).
+LINEAR_MEMORY_FRACTION = 1 / 32
+LINEAR_MEMORY_MIN = 64 << 20
+LINEAR_MEMORY_MAX = 1 << 30
+
+#: Rows of ``grad_weight`` per product when the BLAS cannot accumulate in place (no
+#: SciPy, or CUDA arrays): ``grad_weight[s] += G[:, s].T @ hidden`` goes through a
+#: scratch of this many rows (counted in the budget).
+LINEAR_ACCUMULATE_ROWS = 2048
 
 # ----------------------------------------------------------------------------
 # CUDA (CuPy)
@@ -72,6 +95,10 @@ CUDA_SPLIT_BLOCK_THREADS = 256
 CUDA_ELEMENTWISE_BLOCK_THREADS = 256
 CUDA_ELEMENTWISE_BLOCKS_PER_SM = 8
 
+#: Largest grid.x of a row kernel (CUDA's limit); rows beyond it are covered by the
+#: kernels' grid-stride loops (tests patch it down to exercise them).
+CUDA_MAX_GRID = 2**31 - 1
+
 #: Read the device's bad-label flag after each sparse kernel (a synchronisation).
 CUDA_CHECK_LABELS = True
 
@@ -89,3 +116,18 @@ def cuda_label_check_enabled():
     """True unless ``CUDA_CHECK_LABELS`` is False or ``FASTXENT_CUDA_SKIP_LABEL_CHECK`` is set."""
     skip = os.environ.get(CUDA_SKIP_LABEL_CHECK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
     return CUDA_CHECK_LABELS and not skip
+
+
+def physical_memory():
+    """The machine's physical memory in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def linear_memory(available):
+    """The default budget of ``fastxent.linear`` given ``available`` bytes (None: unknown)."""
+    if available is None:
+        return LINEAR_MEMORY_MIN
+    return int(min(LINEAR_MEMORY_MAX, max(LINEAR_MEMORY_MIN, available * LINEAR_MEMORY_FRACTION)))

@@ -37,15 +37,25 @@ def reduce(loss, reduction, denominator, xp=np):
     (a mean over a zero denominator is 0.0)."""
     if reduction == "none":
         return loss
-    if reduction == "mean" and float(denominator) == 0.0:
-        # not sum * 0.0: rows that count for nothing may still hold inf (a smoothed row of
-        # weight 0 with a masked class), and inf * 0.0 is NaN
-        return xp.zeros((), dtype=loss.dtype)
     with np.errstate(over="ignore"):   # a sum beyond the loss dtype is inf, as the kernels' losses are
         total = loss.sum(dtype=np.float64)
-        if reduction == "mean":
-            total = total / float(denominator)
-        return xp.asarray(total, dtype=loss.dtype)
+    return from_total(total, reduction, denominator, loss.dtype, xp)
+
+
+def from_total(total, reduction, denominator, dtype, xp=np):
+    """The reduced loss from the sum of the unreduced one (a backend asked for the sum
+    computes it without the unreduced buffer): ``total`` for ``"sum"``,
+    ``total / denominator`` for ``"mean"`` (0.0 over a zero denominator), as a 0-d
+    array of the loss ``dtype``."""
+    if reduction == "mean":
+        denominator = float(denominator)
+        if denominator == 0.0:
+            # not total * 0.0: rows that count for nothing may still hold inf (a smoothed
+            # row of class weight 0 with a masked class), and inf * 0.0 is NaN
+            return xp.zeros((), dtype=dtype)
+        total = total / denominator
+    with np.errstate(over="ignore"):   # a float64 total beyond the float32 maximum is inf
+        return xp.asarray(total, dtype=dtype)
 
 
 def empty_mean(reduction, denominator):

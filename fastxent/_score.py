@@ -1,4 +1,5 @@
-"""The result type of :func:`fastxent.score`, shared by every backend."""
+"""The result types shared by every backend and the reference: :class:`Score` (of
+:func:`fastxent.score`) and :class:`LinearGrad` (of :func:`fastxent.linear_cross_entropy`)."""
 
 from typing import Any, NamedTuple
 
@@ -33,3 +34,28 @@ class Score(NamedTuple):
     entropy: Any
     argmax: Any
     correct: Any
+
+
+class LinearGrad(NamedTuple):
+    """The gradients returned by ``linear_cross_entropy(..., return_grad=True)``.
+
+    Each is the gradient of ``sum(grad_output * loss)`` with respect to that argument,
+    in its shape and dtype; arrays live where the inputs live (numpy or CuPy).
+
+    Attributes
+    ----------
+    hidden : array
+        ``G @ weight``, ``hidden``'s shape.
+    weight : array
+        ``G.T @ hidden`` over every row, ``weight``'s shape (accumulated in float32
+        for 16-bit inputs).
+    bias : array or None
+        ``G.sum(0)``, ``(V,)``; None when there is no bias.
+
+    ``G`` is the gradient with respect to the logits ``hidden @ weight.T + bias``,
+    never stored whole.
+    """
+
+    hidden: Any
+    weight: Any
+    bias: Any

@@ -5,12 +5,14 @@ of range would be an out-of-bounds read in a Numba kernel, so the range is
 checked here, on the host, before any kernel runs).
 """
 
+import contextlib
 import math
 import numbers
 
 import numpy as np
 
 from . import _dispatch, _dtypes
+from .backends import BadLabels
 
 REDUCTIONS = ("none", "sum", "mean")
 
@@ -157,8 +159,12 @@ def class_ids(function, labels, logits_shape, ax, soft_alternative):
     return labels
 
 
-def bad_label_message(labels, num_classes, ignore_index):
-    """The message for the first label outside ``[0, C)`` that is not ``ignore_index``, or None."""
+def bad_label_message(labels, num_classes, ignore_index, origin=None):
+    """The message for the first label outside ``[0, C)`` that is not ``ignore_index``, or None.
+
+    ``origin``: where ``labels`` starts in a larger array (a block of a Dask array),
+    so the message names the position in the whole array.
+    """
     labels = np.asarray(labels)
     bad = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
@@ -167,13 +173,33 @@ def bad_label_message(labels, num_classes, ignore_index):
         return None
     flat = int(np.flatnonzero(bad.reshape(-1))[0])
     position = np.unravel_index(flat, labels.shape) if labels.ndim else ()
+    if origin is not None:
+        position = tuple(int(start) + int(i) for start, i in zip(origin, position))
     where = ", ".join(str(int(i)) for i in position)
     ignore = f" and is not ignore_index={ignore_index}" if ignore_index is not None else ""
     return f"labels[{where}] = {labels.reshape(-1)[flat]} is outside [0, {num_classes}){ignore}"
 
 
+@contextlib.contextmanager
+def device_labels(labels, num_classes, ignore_index):
+    """Turn a device backend's :class:`~fastxent.backends.BadLabels` into the host path's
+    ``ValueError`` (the device kernels flag a bad label; it is found here on the host)."""
+    try:
+        yield
+    except BadLabels:
+        message = bad_label_message(labels.get(), num_classes, ignore_index)
+        raise ValueError(message or f"labels hold a class id outside [0, {num_classes})") from None
+
+
 def label_range(labels, num_classes, ignore_index):
-    """Raise ``ValueError`` for a class id outside ``[0, C)`` that is not ``ignore_index``."""
+    """Raise ``ValueError`` for a class id outside ``[0, C)`` that is not ``ignore_index``.
+
+    Labels whose minimum and maximum lie in range are accepted after two
+    reductions (0.6 ms for 10^6 int64 labels here, against 2.6 ms for the
+    mask of bad positions: 15% of a 1,000,000 x 10 forward).
+    """
+    if labels.size == 0 or (labels.min() >= 0 and labels.max() < num_classes):
+        return
     message = bad_label_message(labels, num_classes, ignore_index)
     if message is not None:
         raise ValueError(message)
@@ -256,14 +282,73 @@ def ignore_index(value):
     return int(value)
 
 
+#: Binary size suffixes of ``memory=`` (case-insensitive; an optional "B" or "iB" follows).
+_SIZE_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def memory(value):
+    """``memory=``: None, a positive number of bytes, or a size such as ``"256M"``, ``"1.5G"``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in "kmgt" else ""
+        try:
+            size = int(float(text[:len(text) - len(unit)]) * 2 ** _SIZE_UNITS[unit])
+        except (ValueError, OverflowError):
+            raise ValueError(f"memory={value!r} is not a size such as '256M', '1G' or a number of bytes") from None
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"memory={value!r} must be a positive size")
+        size = int(value)
+    else:
+        raise TypeError(f"memory must be a number of bytes or a size such as '256M', got {value!r}")
+    if not 0 < size < 2**63:
+        raise ValueError(f"memory={value!r} must be a positive size")
+    return size
+
+
 def flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
+def inplace(value, return_grad, name, original, array, ax, labels, xp):
+    """``inplace=True`` writes the gradient over ``array``, the first argument as the
+    kernels read it (``original`` as the caller passed it); every way that could not
+    reach the caller's buffer, or would overwrite what the kernel still has to read,
+    is a ``ValueError``. ``ax`` is the class axis, None for elementwise functions."""
+    if not flag("inplace", value):
+        return False
+    if not return_grad:
+        raise ValueError(f"inplace=True writes the gradient over {name}, so it needs return_grad=True")
+    if xp is np:
+        if array.size and not np.may_share_memory(array, np.asarray(original)):
+            what = (f"byte-swapped (dtype {np.asarray(original).dtype.str}), so fastxent reads a native copy"
+                    if isinstance(original, np.ndarray) else f"a {type(original).__name__}, not an array")
+            raise ValueError(f"inplace=True needs {name} to be an array the gradient can be written into; "
+                             f"got {what}")
+        if not array.flags.writeable:
+            raise ValueError(f"inplace=True needs {name} to be writable; got a read-only array")
+    rows = array if ax is None else xp.moveaxis(array, ax, -1)
+    if not rows.flags.c_contiguous:
+        where = "C-contiguous" if ax is None else f"C-contiguous along its class axis (axis={ax})"
+        raise ValueError(f"inplace=True needs {name} {where}; got shape {array.shape} with strides "
+                         f"{array.strides}: pass a contiguous copy (np.ascontiguousarray) or inplace=False")
+    if labels is not None and xp.may_share_memory(array, labels):
+        raise ValueError(f"inplace=True would overwrite labels: {name} and labels share memory")
+    return True
+
+
 def class_weight(value, count, on_device):
-    """``None`` or a finite, non-negative 1-D float64 host array of length C."""
+    """``None`` or a finite 1-D float64 host array of length C.
+
+    Any sign, as in PyTorch (whose own module tests draw weights from [-9, 9]):
+    the losses are linear in the weights, so the kernels need no sign rule. A
+    mean whose denominator ``sum_i w[y_i]`` is zero is still 0.0 (see
+    ``losses._reduce``).
+    """
     if value is None:
         return None
     weights = parameter_array("class_weight", value, on_device)
@@ -272,10 +357,10 @@ def class_weight(value, count, on_device):
     if weights.shape != (count,):
         raise ValueError(f"class_weight has shape {weights.shape}, expected ({count},): one weight per class")
     weights = weights.astype(np.float64)
-    bad = ~np.isfinite(weights) | (weights < 0)
+    bad = ~np.isfinite(weights)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"class_weight[{index}] = {weights[index]} must be finite and >= 0")
+        raise ValueError(f"class_weight[{index}] = {weights[index]} must be finite")
     return weights
 
 

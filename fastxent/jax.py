@@ -9,10 +9,12 @@ Same signatures and values as optax (``optax.softmax_cross_entropy``,
 
 How a call runs
 ---------------
-Each loss is a ``jax.custom_vjp`` around ``jax.pure_callback``: JAX hands the
+Each loss is a ``jax.custom_jvp`` around ``jax.pure_callback``: JAX hands the
 (CPU) buffers to fastxent's Numba kernels on the host and gets the results
-back. The functions work under ``jit``, ``grad``, ``value_and_grad`` and
-``vmap``:
+back. The functions work under ``jit``, ``vmap`` and every differentiation
+transform, in both modes and to any order: ``grad``, ``value_and_grad``,
+``jvp``, ``jacfwd``, ``jacrev``, ``hessian`` (``jax.test_util.check_grads``
+with ``order=2, modes=["fwd", "rev"]``, as optax's own tests use it):
 
 * ``vmap_method="broadcast_all"``: the kernels work row by row over any
   leading dimensions, so a vmapped call is one callback over the batched
@@ -21,15 +23,27 @@ back. The functions work under ``jit``, ``grad``, ``value_and_grad`` and
   callback; optax's ``where`` is applied in JAX around the fused op (masked
   scores become ``-inf``, which fastxent treats as masking), so the kernels
   see plain rows.
-* Under differentiation the forward callback runs the fused pass
-  (``return_grad=True``) and keeps the gradient as the residual (logits-sized,
-  in the logits' dtype); the backward is one multiply by the incoming
-  cotangent, fused by XLA. Without differentiation the forward-only kernel runs.
+* The loss's tangent rule runs the fused pass (``return_grad=True``) and
+  returns ``sum_c G_c t_c`` per row, linear in the tangent ``t``: reverse
+  mode transposes it into one multiply of ``G`` by the cotangent (fused by
+  XLA), so a gradient costs the fused pass and nothing more. Without
+  differentiation the forward-only kernel runs.
+* ``G`` itself comes from a second ``custom_jvp`` (the fused callback) whose
+  rule gives the Hessian-vector product: ``p*t - p*(p.t)`` per row (scaled by
+  the labels' sum for soft labels), with ``p`` from a third ``custom_jvp``
+  around fastxent's softmax whose own tangent is again ``p*t - p*(p.t)``; the
+  sigmoid's Hessian diagonal ``s(1-s)`` uses jnp's sigmoid. Every rule is
+  linear in its tangents and closed under differentiation, so second and
+  higher orders compose; the softmax callback runs only where a second-order
+  quantity is asked for (under ``jit`` XLA drops unused callbacks).
 * Host calls are serialised (``fastxent._adapters.HOST_LOCK``): XLA may run
   independent callbacks at the same time, and each kernel uses every core.
-* Soft labels and sigmoid labels get optax's label cotangents too
-  (``-log_softmax(logits)`` and ``-logits``); under ``jit`` XLA drops that work
-  (and its callback) when nobody asks for it.
+* Soft labels and sigmoid labels get optax's label derivatives too
+  (``-log_softmax(logits)`` and ``-logits``), in both modes; the
+  ``log_softmax`` callback runs only when the labels carry a tangent or
+  cotangent. At a score of ``-inf`` (``where`` masking included) the
+  ``log_softmax`` there is taken as the most negative finite number, so a
+  zero label tangent contributes 0 rather than NaN.
 
 The callbacks run on the host: on an accelerator backend JAX copies the
 arrays to the host and back, which works but defeats the purpose; use these
@@ -48,10 +62,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.custom_derivatives import SymbolicZero
+
 import fastxent as fx
 from fastxent._adapters import host_call
 
 __all__ = [
+    "linear_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
@@ -99,6 +116,10 @@ def _host_log_softmax(logits, *, out_dtype):
     return np.asarray(fx.log_softmax(np.asarray(logits)), dtype=out_dtype)
 
 
+def _host_softmax(logits):
+    return fx.softmax(np.asarray(logits))
+
+
 def _host_sigmoid(logits, labels, *, with_grad):
     logits = np.asarray(logits)
     result = fx.sigmoid_cross_entropy(logits, np.asarray(labels), return_grad=with_grad)
@@ -117,70 +138,220 @@ def _struct(shape, dtype):
 
 
 # ----------------------------------------------------------------------------
-# Fused ops (class axis last) with their VJPs
+# Fused ops (class axis last) with their JVPs
 # ----------------------------------------------------------------------------
+#
+# Each loss is a custom_jvp whose primal is the forward-only callback and whose
+# tangent rule calls a second custom_jvp, the fused (loss, gradient) callback:
+# the loss's tangent is sum_c G_c t_c, linear in t, so JAX transposes it for
+# reverse mode (the cotangent times G, one multiply) and never needs more than
+# the fused pass for first order. The fused op's own rule gives the gradient's
+# tangent, H t, from the probabilities p (a third custom_jvp around fastxent's
+# softmax, whose tangent p*t - p*(p.t) is again in p): every rule is linear in
+# its tangents and closed under differentiation, so jvp, grad, jacfwd, jacrev
+# and hessian compose to any order. Under jit XLA drops the callbacks nobody
+# uses (the softmax one unless second order is asked).
 
-@jax.custom_vjp
+def _acc(dtype):
+    """Accumulation dtype of the tangent sums: float32 for 16-bit, else the dtype."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _row_dot(a, b, dtype):
+    """``sum_c a_c b_c`` over the last axis, accumulated in float32 or wider, as ``dtype``."""
+    acc = _acc(jnp.result_type(a.dtype, b.dtype))
+    return jnp.sum(a.astype(acc) * b.astype(acc), axis=-1).astype(dtype)
+
+
+def _softmax_hvp(p, t):
+    """``(diag(p) - p p^T) t`` per row, in ``t``'s dtype (p is treated through its own rule)."""
+    acc = _acc(t.dtype)
+    pa, ta = p.astype(acc), t.astype(acc)
+    return (pa * ta - pa * jnp.sum(pa * ta, axis=-1, keepdims=True)).astype(t.dtype)
+
+
+def _is_zero(tangent):
+    return isinstance(tangent, SymbolicZero)
+
+
+@jax.custom_jvp
+def _softmax_op(logits):
+    return _callback(_host_softmax, _struct(logits.shape, logits.dtype), logits)
+
+
+@_softmax_op.defjvp
+def _softmax_jvp(primals, tangents):
+    (logits,), (tangent,) = primals, tangents
+    p = _softmax_op(logits)
+    return p, _softmax_hvp(p, tangent)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _log_softmax_op(logits, out_dtype):
+    return _callback(_host_log_softmax, _struct(logits.shape, out_dtype), logits, out_dtype=out_dtype)
+
+
+@_log_softmax_op.defjvp
+def _log_softmax_jvp(out_dtype, primals, tangents):
+    (logits,), (tangent,) = primals, tangents
+    p = _softmax_op(logits)
+    acc = _acc(tangent.dtype)
+    ta = tangent.astype(acc)
+    tangent_out = ta - jnp.sum(p.astype(acc) * ta, axis=-1, keepdims=True)
+    return _log_softmax_op(logits, out_dtype), tangent_out.astype(out_dtype)
+
+
+# Integer labels -------------------------------------------------------------
+
+def _sparse_loss_struct(logits):
+    return _struct(logits.shape[:-1], logits.dtype)
+
+
+@jax.custom_jvp
 def _sparse_op(logits, labels):
-    return _callback(_host_sparse, _struct(logits.shape[:-1], logits.dtype), logits, labels,
+    return _callback(_host_sparse, _sparse_loss_struct(logits), logits, labels,
                      loss_dtype=logits.dtype, with_grad=False)
 
 
-def _sparse_fwd(logits, labels):
-    loss, grad = _callback(_host_sparse, (_struct(logits.shape[:-1], logits.dtype), _struct(logits.shape, logits.dtype)),
-                           logits, labels, loss_dtype=logits.dtype, with_grad=True)
-    return loss, grad
+@jax.custom_jvp
+def _sparse_fused(logits, labels):
+    return _callback(_host_sparse, (_sparse_loss_struct(logits), _struct(logits.shape, logits.dtype)),
+                     logits, labels, loss_dtype=logits.dtype, with_grad=True)
 
 
-def _sparse_bwd(grad, cotangent):
-    return (grad * cotangent[..., None].astype(grad.dtype), None)
+@_sparse_op.defjvp
+def _sparse_jvp(primals, tangents):
+    logits, labels = primals
+    loss, grad = _sparse_fused(logits, labels)
+    return loss, _row_dot(grad, tangents[0], loss.dtype)
 
 
-_sparse_op.defvjp(_sparse_fwd, _sparse_bwd)
+@_sparse_fused.defjvp
+def _sparse_fused_jvp(primals, tangents):
+    logits, labels = primals
+    tangent = tangents[0]
+    loss, grad = _sparse_fused(logits, labels)
+    hvp = _softmax_hvp(_softmax_op(logits), tangent)  # one-hot labels: H = diag(p) - p p^T
+    return (loss, grad), (_row_dot(grad, tangent, loss.dtype), hvp)
 
 
-@jax.custom_vjp
+# Soft labels ----------------------------------------------------------------
+
+def _soft_structs(logits, labels):
+    loss_dtype = jnp.result_type(logits.dtype, labels.dtype)
+    return _struct(logits.shape[:-1], loss_dtype), _struct(logits.shape, logits.dtype)
+
+
+@jax.custom_jvp
 def _soft_op(logits, labels):
-    loss_dtype = jnp.result_type(logits.dtype, labels.dtype)
-    return _callback(_host_soft, _struct(logits.shape[:-1], loss_dtype), logits, labels,
-                     loss_dtype=loss_dtype, with_grad=False)
+    loss_struct, _ = _soft_structs(logits, labels)
+    return _callback(_host_soft, loss_struct, logits, labels, loss_dtype=loss_struct.dtype, with_grad=False)
 
 
-def _soft_fwd(logits, labels):
-    loss_dtype = jnp.result_type(logits.dtype, labels.dtype)
-    loss, grad = _callback(_host_soft, (_struct(logits.shape[:-1], loss_dtype), _struct(logits.shape, logits.dtype)),
-                           logits, labels, loss_dtype=loss_dtype, with_grad=True)
-    return loss, (grad, logits, jnp.zeros((), labels.dtype))
+@jax.custom_jvp
+def _soft_fused(logits, labels):
+    loss_struct, grad_struct = _soft_structs(logits, labels)
+    return _callback(_host_soft, (loss_struct, grad_struct), logits, labels, loss_dtype=loss_struct.dtype,
+                     with_grad=True)
 
 
-def _soft_bwd(residuals, cotangent):
-    grad, logits, labels_like = residuals
-    labels_dtype = labels_like.dtype
-    cotangent = cotangent[..., None]
-    log_probs = _callback(_host_log_softmax, _struct(logits.shape, labels_dtype), logits, out_dtype=labels_dtype)
-    return grad * cotangent.astype(grad.dtype), (-cotangent * log_probs).astype(labels_dtype)
+def _soft_loss_tangent(logits, labels, grad, loss_dtype, logits_tangent, labels_tangent):
+    """``sum_c G_c t_c - sum_c log_softmax(x)_c s_c`` (optax's label derivative), zeros skipped.
+
+    Where a score is -inf (``where`` masking included) ``log_softmax`` is taken as
+    the most negative finite value rather than -inf, so that a zero label tangent
+    there adds 0 (not ``-inf * 0 = NaN``) and a cotangent is large, not infinite.
+    """
+    tangent = jnp.zeros(grad.shape[:-1], loss_dtype)
+    if not _is_zero(logits_tangent):
+        tangent = tangent + _row_dot(grad, logits_tangent, loss_dtype)
+    if not _is_zero(labels_tangent):
+        log_p = _log_softmax_op(logits, labels.dtype)
+        log_p = jnp.where(jnp.isneginf(log_p), jnp.finfo(log_p.dtype).min, log_p)
+        tangent = tangent - _row_dot(log_p, labels_tangent, loss_dtype)
+    return tangent
 
 
-_soft_op.defvjp(_soft_fwd, _soft_bwd)
+def _soft_jvp(primals, tangents):
+    logits, labels = primals
+    loss, grad = _soft_fused(logits, labels)
+    return loss, _soft_loss_tangent(logits, labels, grad, loss.dtype, *tangents)
 
 
-@jax.custom_vjp
+_soft_op.defjvp(_soft_jvp, symbolic_zeros=True)
+
+
+def _soft_fused_jvp(primals, tangents):
+    logits, labels = primals
+    logits_tangent, labels_tangent = tangents
+    loss, grad = _soft_fused(logits, labels)
+    loss_tangent = _soft_loss_tangent(logits, labels, grad, loss.dtype, logits_tangent, labels_tangent)
+    # grad = p sum(y) - y:  d grad = sum(y) H t + p sum(s) - s.
+    acc = _acc(grad.dtype)
+    grad_tangent = jnp.zeros(grad.shape, acc)
+    if not (_is_zero(logits_tangent) and _is_zero(labels_tangent)):
+        p = _softmax_op(logits)
+    if not _is_zero(logits_tangent):
+        total = jnp.sum(labels.astype(acc), axis=-1, keepdims=True)
+        grad_tangent = grad_tangent + total * _softmax_hvp(p, logits_tangent).astype(acc)
+    if not _is_zero(labels_tangent):
+        s = labels_tangent.astype(acc)
+        grad_tangent = grad_tangent + p.astype(acc) * jnp.sum(s, axis=-1, keepdims=True) - s
+    return (loss, grad), (loss_tangent, grad_tangent.astype(grad.dtype))
+
+
+_soft_fused.defjvp(_soft_fused_jvp, symbolic_zeros=True)
+
+
+# Sigmoid --------------------------------------------------------------------
+
+@jax.custom_jvp
 def _sigmoid_op(logits, labels):
     return _callback(_host_sigmoid, _struct(logits.shape, logits.dtype), logits, labels, with_grad=False)
 
 
-def _sigmoid_fwd(logits, labels):
-    loss, grad = _callback(_host_sigmoid, (_struct(logits.shape, logits.dtype), _struct(logits.shape, logits.dtype)),
-                           logits, labels, with_grad=True)
-    return loss, (grad, logits)
+@jax.custom_jvp
+def _sigmoid_fused(logits, labels):
+    return _callback(_host_sigmoid, (_struct(logits.shape, logits.dtype), _struct(logits.shape, logits.dtype)),
+                     logits, labels, with_grad=True)
 
 
-def _sigmoid_bwd(residuals, cotangent):
-    grad, logits = residuals
-    return grad * cotangent, -cotangent * logits
+def _sigmoid_loss_tangent(logits, grad, logits_tangent, labels_tangent):
+    """``G t - x s`` elementwise (optax's label derivative is ``-x``), zeros skipped."""
+    tangent = jnp.zeros(grad.shape, grad.dtype)
+    if not _is_zero(logits_tangent):
+        tangent = tangent + grad * logits_tangent
+    if not _is_zero(labels_tangent):
+        tangent = tangent - logits * labels_tangent
+    return tangent
 
 
-_sigmoid_op.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+def _sigmoid_jvp(primals, tangents):
+    logits, _ = primals
+    loss, grad = _sigmoid_fused(*primals)
+    return loss, _sigmoid_loss_tangent(logits, grad, *tangents)
+
+
+_sigmoid_op.defjvp(_sigmoid_jvp, symbolic_zeros=True)
+
+
+def _sigmoid_fused_jvp(primals, tangents):
+    # grad = sigmoid(x) - z: d grad = s (1 - s) t - dz, the Hessian's diagonal
+    # (fastxent.sigmoid_cross_entropy_hessian_diag) from jnp's sigmoid, which JAX
+    # differentiates natively.
+    logits, labels = primals
+    logits_tangent, labels_tangent = tangents
+    loss, grad = _sigmoid_fused(logits, labels)
+    grad_tangent = jnp.zeros(grad.shape, grad.dtype)
+    if not _is_zero(logits_tangent):
+        s = jax.nn.sigmoid(logits)
+        grad_tangent = grad_tangent + s * (1 - s) * logits_tangent
+    if not _is_zero(labels_tangent):
+        grad_tangent = grad_tangent - labels_tangent
+    return (loss, grad), (_sigmoid_loss_tangent(logits, grad, logits_tangent, labels_tangent), grad_tangent)
+
+
+_sigmoid_fused.defjvp(_sigmoid_fused_jvp, symbolic_zeros=True)
 
 
 # ----------------------------------------------------------------------------
@@ -383,3 +554,120 @@ def sigmoid_binary_cross_entropy(logits, labels):
     labels = jnp.asarray(labels).astype(logits.dtype)
     shape = jnp.broadcast_shapes(logits.shape, labels.shape)
     return _sigmoid_op(jnp.broadcast_to(logits, shape), jnp.broadcast_to(labels, shape))
+
+
+# ----------------------------------------------------------------------------
+# Linear layer + cross-entropy from hidden states (fastxent.linear_cross_entropy)
+# ----------------------------------------------------------------------------
+
+#: A callback over the whole weight: under vmap it runs once per batch element
+#: (tiling the weight, as "broadcast_all" would, is not what a shared head means).
+_LINEAR_VMAP_METHOD = "sequential"
+
+
+def _host_linear(hidden, weight, bias, labels, class_weight, grad_output=None, *, options, loss_dtype, with_grad):
+    """fastxent.linear_cross_entropy on host arrays: the loss, and the gradients when asked."""
+    reduction, ignore_index, label_smoothing, z_loss, softcap, memory = options
+    result = fx.linear_cross_entropy(
+        np.asarray(hidden), np.asarray(weight), np.asarray(labels), None if bias is None else np.asarray(bias),
+        ignore_index=ignore_index, class_weight=None if class_weight is None else np.asarray(class_weight),
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=reduction,
+        return_grad=with_grad, grad_output=None if grad_output is None else np.asarray(grad_output), memory=memory)
+    if not with_grad:
+        return np.asarray(result, dtype=loss_dtype)
+    loss, grad = result
+    return (np.asarray(loss, dtype=loss_dtype), grad.hidden, grad.weight) + (() if bias is None else (grad.bias,))
+
+
+def _linear_callback(shapes, hidden, weight, bias, labels, class_weight, grad_output=None, **options):
+    host = functools.partial(host_call, _host_linear, **options)
+    return jax.pure_callback(host, shapes, hidden, weight, bias, labels, class_weight, grad_output,
+                             vmap_method=_LINEAR_VMAP_METHOD)
+
+
+def _linear_shapes(hidden, weight, bias, labels, options, with_grad):
+    loss = _struct(labels.shape if options[0] == "none" else (), hidden.dtype)
+    if not with_grad:
+        return loss
+    grads = (_struct(hidden.shape, hidden.dtype), _struct(weight.shape, weight.dtype))
+    return (loss, *grads) + (() if bias is None else (_struct(bias.shape, bias.dtype),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _linear_op(hidden, weight, bias, labels, class_weight, options):
+    return _linear_callback(_linear_shapes(hidden, weight, bias, labels, options, False), hidden, weight, bias,
+                            labels, class_weight, options=options, loss_dtype=hidden.dtype, with_grad=False)
+
+
+def _linear_fwd(hidden, weight, bias, labels, class_weight, options):
+    if options[0] == "none":  # the gradients need each row's cotangent: computed in backward
+        loss = _linear_op(hidden, weight, bias, labels, class_weight, options)
+        return loss, (hidden, weight, bias, labels, class_weight)
+    loss, *grads = _linear_callback(_linear_shapes(hidden, weight, bias, labels, options, True), hidden, weight,
+                                    bias, labels, class_weight, options=options, loss_dtype=hidden.dtype,
+                                    with_grad=True)
+    return loss, tuple(grads)
+
+
+def _linear_bwd(options, residuals, cotangent):
+    if options[0] == "none":
+        hidden, weight, bias, labels, class_weight = residuals
+        _, *grads = _linear_callback(_linear_shapes(hidden, weight, bias, labels, options, True), hidden, weight,
+                                     bias, labels, class_weight, cotangent, options=options,
+                                     loss_dtype=hidden.dtype, with_grad=True)
+    else:
+        grads = [g * cotangent.astype(g.dtype) for g in residuals]
+    grad_bias = grads[2] if len(grads) == 3 else None
+    return grads[0], grads[1], grad_bias, None, None
+
+
+_linear_op.defvjp(_linear_fwd, _linear_bwd)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=None,
+                         class_weight=None, label_smoothing=0.0, z_loss=0.0, softcap=None, memory=None):
+    r"""Softmax cross-entropy of ``hidden @ weight.T + bias`` with integer labels, the logits never whole.
+
+    :func:`fastxent.linear_cross_entropy` as a ``jax.custom_vjp`` (CPU, through
+    ``jax.pure_callback``): the blocks of rows are sized to ``memory``; for a mean or a
+    sum the forward computes the gradients of ``hidden``, ``weight`` and ``bias`` and the
+    backward scales them by the cotangent; with ``reduction="none"`` the backward runs
+    the blocks again with each row's cotangent. Works under ``jit``, ``grad`` and
+    ``vmap`` (one callback per batch element). Options as in
+    :func:`fastxent.linear_cross_entropy`; a mean over nothing is 0 with zero gradients.
+
+    Parameters
+    ----------
+    hidden : array (..., H), float
+    weight : array (V, H), ``hidden``'s dtype
+    labels : integer array, ``hidden``'s shape without the last axis
+    bias : array (V,) or None
+    reduction : {"mean", "sum", "none"}
+    ignore_index, class_weight, label_smoothing, z_loss, softcap, memory
+        As in :func:`fastxent.linear_cross_entropy`.
+
+    Returns
+    -------
+    array
+        0-d for ``"mean"``/``"sum"``, else ``labels``' shape; ``hidden``'s dtype.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp, fastxent.jax as fxj
+    >>> hidden, head = jnp.ones((4, 8)), jnp.zeros((10, 8))
+    >>> grads = jax.grad(fxj.linear_cross_entropy, argnums=(0, 1))(hidden, head, jnp.array([1, 2, 3, 4]))
+    """
+    hidden, weight, labels = jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(labels)
+    _check_floating("hidden", hidden)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction={reduction!r} must be one of ['none', 'sum', 'mean']")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels has shape {labels.shape}, expected {hidden.shape[:-1]} (hidden's shape "
+                         f"{hidden.shape} without its last axis)")
+    bias = None if bias is None else jnp.asarray(bias)
+    class_weight = None if class_weight is None else jnp.asarray(class_weight, dtype=jnp.float32)
+    options = (reduction, ignore_index, float(label_smoothing), float(z_loss),
+               None if softcap is None else float(softcap), memory)
+    return _linear_op(hidden, weight, bias, labels, class_weight, options)

@@ -21,6 +21,15 @@ and reductions::
   ``"mean_with_sample_weight"``, ``"none"``/``None``), ``sample_weight`` and
   masks are Keras's own: the classes inherit ``keras.losses.Loss.__call__`` and
   only the per-example loss function is replaced.
+* Configs round-trip every constructor argument: ``get_config`` is Keras's
+  plus ``axis`` (which Keras's ``SparseCategoricalCrossentropy`` leaves out, so
+  a reloaded model would lose it) and ``dtype`` (which Keras's ``Loss`` leaves
+  out); the classes are registered serialisable (``fastxent>...``), so a model
+  saved with ``model.save("x.keras")`` reloads with ``keras.models.load_model``
+  and computes the same loss.
+* Shapes are checked while tracing, with Keras's own ``ValueError`` and message
+  (``"Arguments `target` and `output` must have the same shape ..."``), before
+  anything runs on the host.
 
 How the computation runs
 ------------------------
@@ -35,11 +44,16 @@ on parallel threads, and each kernel uses every core. (The torch adapter
 keeps the gradient from a fused forward instead: there the forward knows that
 a backward will follow; a TensorFlow forward does not.)
 
-Limits: ``tf.numpy_function`` runs on the host and cannot be compiled by XLA.
+Limits: first derivatives only (a nested ``GradientTape`` asking for second
+derivatives gets a ``NotImplementedError``, not a silently missing term);
+``tf.numpy_function`` runs on the host and cannot be compiled by XLA.
 Keras resolves ``jit_compile="auto"`` to False on CPU-only machines; where a
 GPU is visible, compile with ``jit_compile=False``. Only the TensorFlow
 backend of Keras is supported (with another backend the call raises).
-Differences from Keras on purpose: with ``from_logits=False`` the sparse loss
+Differences from Keras on purpose: any ``axis`` works for the sparse loss
+(Keras on TensorFlow refuses ``axis != -1``); a softmax over a single class is
+a ``ValueError`` pointing to ``BinaryCrossentropy`` (Keras warns and returns 0);
+with ``from_logits=False`` the sparse loss
 normalises the probabilities before clipping them (Keras's JAX/NumPy/torch
 backends; its TensorFlow backend clips first: the same values unless a
 probability is clipped), and ``label_smoothing`` of the categorical loss uses
@@ -98,14 +112,26 @@ def _fused(function, first, labels, loss_shape, **options):
         return np.asarray(grad, dtype=x.dtype)
 
     @tf.custom_gradient
+    def first_order_only(x, dy):
+        grad = tf.numpy_function(backward, [x, labels, dy], x.dtype, stateful=False)
+        grad.set_shape(x.shape)
+
+        def second_order(_):
+            # A numpy_function has no gradient: without this, a nested tape would
+            # silently leave the loss's second-order terms out.
+            raise NotImplementedError(
+                "fastxent.keras computes first derivatives only; for second derivatives (a nested "
+                "GradientTape) use Keras's own loss, or fastxent.jax / fastxent.torch")
+
+        return grad, second_order
+
+    @tf.custom_gradient
     def op(x):
         loss = tf.numpy_function(forward, [x, labels], loss_dtype, stateful=False)
         loss.set_shape(loss_shape)
 
         def gradient(dy):
-            grad = tf.numpy_function(backward, [x, labels, dy], x.dtype, stateful=False)
-            grad.set_shape(x.shape)
-            return grad
+            return first_order_only(x, dy)
 
         return loss, gradient
 
@@ -140,6 +166,47 @@ def _set_mask(tensor, mask):
 
 
 # ----------------------------------------------------------------------------
+# Keras's own trace-time checks (keras/src/backend/tensorflow/nn.py), its messages
+# ----------------------------------------------------------------------------
+
+def _check_same_shape(target, output, at_least_rank_1=False):
+    """Categorical and binary: ``target`` and ``output`` of one shape (unknown dims pass)."""
+    if at_least_rank_1 and len(target.shape) < 1:
+        raise ValueError("Arguments `target` and `output` must be at least rank 1. Received: "
+                         f"target.shape={target.shape}, output.shape={output.shape}")
+    if len(target.shape) != len(output.shape):
+        raise ValueError("Arguments `target` and `output` must have the same rank (ndim). Received: "
+                         f"target.shape={target.shape}, output.shape={output.shape}")
+    for e1, e2 in zip(target.shape, output.shape):
+        if e1 is not None and e2 is not None and e1 != e2:
+            raise ValueError("Arguments `target` and `output` must have the same shape. Received: "
+                             f"target.shape={target.shape}, output.shape={output.shape}")
+
+
+def _check_sparse_shapes(target, output, axis):
+    """Sparse: ``target`` has ``output``'s shape without ``axis`` (Keras on TensorFlow: the last)."""
+    if len(output.shape) < 1:
+        raise ValueError(f"Argument `output` must be at least rank 1. Received: output.shape={output.shape}")
+    if len(target.shape) != len(output.shape) - 1:
+        raise ValueError("Argument `output` must have rank (ndim) `target.ndim - 1`. Received: "
+                         f"target.shape={target.shape}, output.shape={output.shape}")
+    ax = axis % len(output.shape)
+    where = ("up until the last dimension" if ax == len(output.shape) - 1
+             else f"apart from the class axis {axis}")
+    for e1, e2 in zip(target.shape, _without_axis(output.shape, axis)):
+        if e1 is not None and e2 is not None and e1 != e2:
+            raise ValueError(f"Arguments `target` and `output` must have the same shape {where}: "
+                             f"target.shape={target.shape}, output.shape={output.shape}")
+
+
+def _check_classes(function, output, axis, alternative):
+    """fastxent's rule at trace time: a softmax over one class is refused (Keras returns 0)."""
+    if len(output.shape) and output.shape[axis] == 1:
+        raise ValueError(f"{function} over a single class (C == 1) is always 0; for a binary problem "
+                         f"with one score per example use {alternative}")
+
+
+# ----------------------------------------------------------------------------
 # Per-example loss functions (Keras's signatures)
 # ----------------------------------------------------------------------------
 
@@ -158,6 +225,8 @@ def sparse_categorical_crossentropy(y_true, y_pred, from_logits=False, ignore_cl
         y_true = tf.squeeze(y_true, axis=axis)
     y_pred, from_logits = _from_activation(y_pred, from_logits, "Softmax")
     labels = tf.cast(y_true, "int64")
+    _check_sparse_shapes(labels, y_pred, axis)
+    _check_classes("sparse_categorical_crossentropy", y_pred, axis, "BinaryCrossentropy")
     ignore_index = None if ignore_class is None else int(ignore_class)
     loss_shape = _without_axis(y_pred.shape, axis)
     if from_logits:
@@ -184,7 +253,9 @@ def categorical_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=
         raise ValueError(f"`axis` must be of type `int`. Received: axis={axis} of type {type(axis)}")
     y_pred = tf.convert_to_tensor(y_pred)
     y_true = tf.cast(y_true, y_pred.dtype)
+    _check_same_shape(y_true, y_pred, at_least_rank_1=True)
     y_pred, from_logits = _from_activation(y_pred, from_logits, "Softmax")
+    _check_classes("categorical_crossentropy", y_pred, axis, "BinaryCrossentropy")
     loss_shape = _without_axis(y_pred.shape, axis)
     if from_logits:
         return _fused(fx.softmax_cross_entropy, y_pred, y_true, loss_shape, axis=axis,
@@ -204,6 +275,7 @@ def binary_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, 
     tf = _tensorflow()
     y_pred = tf.convert_to_tensor(y_pred)
     y_true = tf.cast(y_true, y_pred.dtype)
+    _check_same_shape(y_true, y_pred)
     y_pred, from_logits = _from_activation(y_pred, from_logits, "Sigmoid")
     if from_logits:
         elements = _fused(fx.sigmoid_cross_entropy, y_pred, y_true, y_pred.shape,
@@ -217,6 +289,15 @@ def binary_crossentropy(y_true, y_pred, from_logits=False, label_smoothing=0.0, 
 # ----------------------------------------------------------------------------
 # Loss classes: Keras's own, with the per-example function replaced
 # ----------------------------------------------------------------------------
+
+def _with_dtype(loss, config):
+    """``config`` with the constructor's ``dtype`` (Keras's ``Loss.get_config`` drops it), so
+    ``from_config(get_config())`` rebuilds every constructor argument."""
+    dtype = loss._dtype_argument
+    if dtype is not None and not isinstance(dtype, str):
+        dtype = keras.dtype_policies.serialize(dtype)
+    return {**config, "dtype": dtype}
+
 
 @keras.saving.register_keras_serializable(package="fastxent")
 class SparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
@@ -234,6 +315,12 @@ class SparseCategoricalCrossentropy(keras.losses.SparseCategoricalCrossentropy):
         super().__init__(from_logits=from_logits, ignore_class=ignore_class, reduction=reduction, axis=axis,
                          name=name, dtype=dtype)
         self.fn = sparse_categorical_crossentropy
+        self.axis = axis
+        self._dtype_argument = dtype
+
+    def get_config(self):
+        """Keras's config plus ``axis`` (which Keras's own class leaves out) and ``dtype``."""
+        return _with_dtype(self, {**super().get_config(), "axis": self.axis})
 
 
 @keras.saving.register_keras_serializable(package="fastxent")
@@ -252,6 +339,11 @@ class CategoricalCrossentropy(keras.losses.CategoricalCrossentropy):
         super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis,
                          reduction=reduction, name=name, dtype=dtype)
         self.fn = categorical_crossentropy
+        self._dtype_argument = dtype
+
+    def get_config(self):
+        """Keras's config (``axis`` included) plus ``dtype``."""
+        return _with_dtype(self, super().get_config())
 
 
 @keras.saving.register_keras_serializable(package="fastxent")
@@ -270,3 +362,8 @@ class BinaryCrossentropy(keras.losses.BinaryCrossentropy):
         super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, axis=axis,
                          reduction=reduction, name=name, dtype=dtype)
         self.fn = binary_crossentropy
+        self._dtype_argument = dtype
+
+    def get_config(self):
+        """Keras's config (``axis`` included) plus ``dtype``."""
+        return _with_dtype(self, super().get_config())

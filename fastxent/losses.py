@@ -22,7 +22,6 @@ import numpy as np
 from . import _dispatch, _dtypes, _reductions
 from . import _validate as check
 from ._score import Score
-from .backends import BadLabels
 
 # ----------------------------------------------------------------------------
 # Shared plumbing
@@ -79,11 +78,12 @@ class _Call(NamedTuple):
     reduction: str
     return_grad: bool
     grad_output: Any
+    inplace: bool            # the gradient is written over ``first`` (the caller's buffer)
 
 
 def _prepare(fn, backend, first_name, first, labels, *, second_name="labels", axis=None, labels_kind=None,
              single_class_hint=None, other_labels=None, reduction="none", return_grad=False, grad_output=None,
-             ignore_index=None):
+             ignore_index=None, inplace=False):
     """Validate what every public function shares; returns ``(_Call, ignore_index)``.
 
     ``axis`` None: an elementwise function (labels, when given, have the scores' shape);
@@ -92,6 +92,7 @@ def _prepare(fn, backend, first_name, first, labels, *, second_name="labels", ax
     ``single_class_hint`` names the binary alternative that C == 1 is refused for;
     ``other_labels`` the function taking the other kind of labels (error hints).
     """
+    original = first
     named = {first_name: first} if labels is None else {first_name: first, second_name: labels}
     on_device, arrays = check.arrays(**named)
     name = _dispatch.resolve(backend, on_device)
@@ -117,19 +118,18 @@ def _prepare(fn, backend, first_name, first, labels, *, second_name="labels", ax
     reduction = check.reduction(reduction)
     return_grad = check.flag("return_grad", return_grad)
     grad_output = check.grad_output(grad_output, () if reduction != "none" else loss_shape, on_device, xp)
-    return (_Call(name, on_device, xp, first, labels, axis, loss_shape, reduction, return_grad, grad_output),
-            ignore_index)
+    inplace = check.inplace(inplace, return_grad, first_name, original, first, axis, labels, xp)
+    return (_Call(name, on_device, xp, first, labels, axis, loss_shape, reduction, return_grad, grad_output,
+                  inplace), ignore_index)
 
 
 @contextlib.contextmanager
 def _device_labels(call, ignore_index):
     """Turn a device backend's :class:`~fastxent.backends.BadLabels` into the host path's ValueError."""
-    try:
+    # elementwise calls (axis None) have no class ids, so no device backend flags them
+    count = None if call.axis is None else call.first.shape[call.axis]
+    with check.device_labels(call.labels, count, ignore_index):
         yield
-    except BadLabels:
-        count = call.first.shape[call.axis]
-        message = check.bad_label_message(call.labels.get(), count, ignore_index)
-        raise ValueError(message or f"labels hold a class id outside [0, {count})") from None
 
 
 def _run(call, fn, denominator, options, reference_options, ignore_index=None):
@@ -137,13 +137,20 @@ def _run(call, fn, denominator, options, reference_options, ignore_index=None):
 
     ``options``: the backend arguments after the labels, in the contract's order
     (``fastxent/backends/__init__.py``); ``reference_options``: the reference's keywords.
+    A reduced loss is asked of the backend as a sum (``total=True``), so it needs no
+    unreduced buffer; ``inplace`` reaches the backend only when set.
     """
     xp = call.xp
     if call.backend == "numpy":
         axis = {} if call.axis is None else {"axis": call.axis}
-        return getattr(_reference(), fn)(call.first, call.labels, **axis, **reference_options,
-                                         reduction=call.reduction, return_grad=call.return_grad,
-                                         grad_output=call.grad_output)
+        result = getattr(_reference(), fn)(call.first, call.labels, **axis, **reference_options,
+                                           reduction=call.reduction, return_grad=call.return_grad,
+                                           grad_output=call.grad_output)
+        if call.inplace:
+            loss, grad = result
+            call.first[...] = grad
+            return loss, call.first
+        return result
     empty = call.return_grad and _reductions.empty_mean(call.reduction, denominator)
     scale = None
     if call.return_grad and not empty:
@@ -156,12 +163,20 @@ def _run(call, fn, denominator, options, reference_options, ignore_index=None):
         first = _rows(call.first, call.axis, xp)
         sparse = call.labels.ndim < call.first.ndim
         labels = call.labels.reshape(-1) if sparse else _rows(call.labels, call.axis, xp)
+    reduced = call.reduction != "none"
+    keywords = {"total": reduced, **({"inplace": True} if call.inplace else {})}
     with _device_labels(call, ignore_index):
-        loss, grad = getattr(_dispatch.backend_module(call.backend), fn)(first, labels, *options, scale)
-    loss = _reductions.reduce(loss.reshape(call.loss_shape), call.reduction, denominator, xp)
+        loss, grad = getattr(_dispatch.backend_module(call.backend), fn)(first, labels, *options, scale, **keywords)
+    if reduced:
+        loss = _reductions.from_total(loss, call.reduction, denominator, _dtypes.loss_dtype(call.first.dtype), xp)
+    else:
+        loss = loss.reshape(call.loss_shape)
     if not call.return_grad:
         return loss
-    if empty:
+    if empty and call.inplace:
+        call.first[...] = 0
+        grad = call.first
+    elif empty:
         grad = xp.zeros_like(call.first)
     elif call.axis is None:
         grad = grad.reshape(call.first.shape)
@@ -181,7 +196,7 @@ def _row_count(call):
 
 def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, class_weight=None,
                                  label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="none",
-                                 return_grad=False, grad_output=None, backend=None):
+                                 return_grad=False, grad_output=None, inplace=False, backend=None):
     r"""Softmax cross-entropy with integer class ids (PyTorch's ``cross_entropy``).
 
     Per row ``i`` with label ``y_i``, class weights ``w`` (ones when None) and
@@ -205,7 +220,8 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
     ignore_index : int or None
         Label value whose rows are skipped (PyTorch uses -100).
     class_weight : array (C,) or None
-        Finite, non-negative weight per class.
+        Finite weight per class, any sign (as in PyTorch); ``"mean"`` divides by
+        ``sum_i w[y_i]`` over the counted rows, and is 0.0 when that sum is 0.
     label_smoothing : float in [0, 1]
     z_loss : float >= 0
         PaLM's auxiliary ``z_loss * lse**2`` per counted row.
@@ -218,6 +234,15 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
         Also return the gradient with respect to ``logits`` from the same pass.
     grad_output : array or float, optional
         The incoming gradient; broadcasts against the loss.
+    inplace : bool
+        With ``return_grad=True``: write the gradient over ``logits`` and return
+        it as ``grad``, a view of the same buffer. The fused pass then allocates
+        nothing of the logits' size (what Liger-Kernel and QuACK do in training,
+        where the logits are dead after the backward pass), and skips the page
+        faults of a fresh gradient array; the price is the logits themselves.
+        ``logits`` must be a writable array, C-contiguous along the class axis,
+        not sharing memory with ``labels``; else a ``ValueError``. Default
+        False: inputs are never modified.
     backend : {"numba", "numpy", "cupy"} or None
 
     Returns
@@ -226,7 +251,8 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
         ``logits.shape`` without the class axis, or 0-d when reduced; float32
         for 16-bit scores, else the scores' dtype.
     grad : array, only with ``return_grad=True``
-        ``d sum(grad_output * loss) / d logits``, in the logits' dtype.
+        ``d sum(grad_output * loss) / d logits``, in the logits' dtype (the
+        logits' own buffer with ``inplace=True``).
 
     Examples
     --------
@@ -234,11 +260,14 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
     >>> logits = np.array([[2.0, 0.0, -1.0]], dtype=np.float32)
     >>> fx.sparse_softmax_cross_entropy(logits, np.array([0]))
     array([0.16984604], dtype=float32)
+    >>> loss, grad = fx.sparse_softmax_cross_entropy(logits, np.array([0]), return_grad=True, inplace=True)
+    >>> bool(np.shares_memory(grad, logits))
+    True
     """
     call, ignore_index = _prepare(
         "sparse_softmax_cross_entropy", backend, "logits", logits, labels, axis=axis, labels_kind="ids",
         single_class_hint="sigmoid_cross_entropy", other_labels="softmax_cross_entropy", reduction=reduction,
-        return_grad=return_grad, grad_output=grad_output, ignore_index=ignore_index)
+        return_grad=return_grad, grad_output=grad_output, ignore_index=ignore_index, inplace=inplace)
     class_weight = check.class_weight(class_weight, call.first.shape[call.axis], call.on_device)
     label_smoothing = check.label_smoothing(label_smoothing)
     z_loss = check.z_loss(z_loss)
@@ -253,7 +282,7 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
 
 
 def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softcap=None,
-                          reduction="none", return_grad=False, grad_output=None, backend=None):
+                          reduction="none", return_grad=False, grad_output=None, inplace=False, backend=None):
     r"""Softmax cross-entropy with a distribution over classes (soft labels).
 
     Per row: ``loss = sum(y) * lse(x) - sum_c y_c x_c``, that is
@@ -267,6 +296,12 @@ def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softc
     Labels must be float (or bool) with exactly the logits' shape; integer
     class ids belong to :func:`sparse_softmax_cross_entropy`.
 
+    ``inplace=True`` (with ``return_grad=True``) writes the gradient over
+    ``logits`` and returns it as ``grad``, a view of that buffer: nothing of
+    ``logits``'s size is allocated, at the price of ``logits`` itself (see
+    :func:`sparse_softmax_cross_entropy`); ``logits`` must be writable and
+    C-contiguous along the class axis, else a ``ValueError``. By default inputs are never modified.
+
     Examples
     --------
     >>> import numpy as np, fastxent as fx
@@ -277,7 +312,7 @@ def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softc
     call, _ = _prepare(
         "softmax_cross_entropy", backend, "logits", logits, labels, axis=axis, labels_kind="dense",
         single_class_hint="sigmoid_cross_entropy", other_labels="sparse_softmax_cross_entropy",
-        reduction=reduction, return_grad=return_grad, grad_output=grad_output)
+        reduction=reduction, return_grad=return_grad, grad_output=grad_output, inplace=inplace)
     label_smoothing = check.label_smoothing(label_smoothing)
     softcap = check.softcap(softcap)
     return _run(call, "softmax_cross_entropy", _row_count(call), (label_smoothing, softcap),
@@ -355,7 +390,7 @@ def _pos_weight_for_kernel(pos_weight, shape, xp):
 
 
 def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.0, reduction="none",
-                          return_grad=False, grad_output=None, backend=None):
+                          return_grad=False, grad_output=None, inplace=False, backend=None):
     r"""Independent binary / multi-label cross-entropy on scores (sigmoid family).
 
     Elementwise, stable for any finite ``x``::
@@ -368,7 +403,14 @@ def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.
         loss = (1 - z) x + (1 + (q - 1) z) (log1p(exp(-|x|)) + max(-x, 0))
 
     ``label_smoothing`` eps maps ``z`` to ``(1-eps) z + eps/2`` (Keras).
-    ``"mean"`` divides by the number of elements.
+    ``"mean"`` divides by the number of elements; a reduced loss is summed
+    inside the kernel, without an unreduced buffer of the logits' size.
+
+    ``inplace=True`` (with ``return_grad=True``) writes the gradient over
+    ``logits`` and returns it as ``grad``, a view of that buffer: nothing of
+    ``logits``'s size is allocated, at the price of ``logits`` itself (see
+    :func:`sparse_softmax_cross_entropy`); ``logits`` must be writable and
+    C-contiguous, else a ``ValueError``. By default inputs are never modified.
 
     Examples
     --------
@@ -377,7 +419,7 @@ def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.
     array([0.69314718, 2.12692801])
     """
     call, _ = _prepare("sigmoid_cross_entropy", backend, "logits", logits, labels, reduction=reduction,
-                       return_grad=return_grad, grad_output=grad_output)
+                       return_grad=return_grad, grad_output=grad_output, inplace=inplace)
     pos_weight = check.pos_weight(pos_weight, call.first.shape, call.on_device)
     label_smoothing = check.label_smoothing(label_smoothing)
     return _run(call, "sigmoid_cross_entropy", call.first.size,
@@ -386,7 +428,7 @@ def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.
 
 
 def binary_cross_entropy(probs, labels, *, epsilon=1e-7, label_smoothing=0.0, reduction="none",
-                         return_grad=False, grad_output=None, backend=None):
+                         return_grad=False, grad_output=None, inplace=False, backend=None):
     r"""Binary cross-entropy on probabilities (Keras ``from_logits=False``).
 
     ``p`` is clipped to ``[epsilon, 1 - epsilon]`` (both bounds rounded to the
@@ -396,6 +438,12 @@ def binary_cross_entropy(probs, labels, *, epsilon=1e-7, label_smoothing=0.0, re
     formula (0 where clipped). Prefer :func:`sigmoid_cross_entropy` on scores:
     it is exact where probabilities saturate.
 
+    ``inplace=True`` (with ``return_grad=True``) writes the gradient over
+    ``probs`` and returns it as ``grad``, a view of that buffer: nothing of
+    ``probs``'s size is allocated, at the price of ``probs`` itself (see
+    :func:`sparse_softmax_cross_entropy`); ``probs`` must be writable and
+    C-contiguous, else a ``ValueError``. By default inputs are never modified.
+
     Examples
     --------
     >>> import numpy as np, fastxent as fx
@@ -403,7 +451,7 @@ def binary_cross_entropy(probs, labels, *, epsilon=1e-7, label_smoothing=0.0, re
     array([0.69314718, 0.10536052])
     """
     call, _ = _prepare("binary_cross_entropy", backend, "probs", probs, labels, reduction=reduction,
-                       return_grad=return_grad, grad_output=grad_output)
+                       return_grad=return_grad, grad_output=grad_output, inplace=inplace)
     epsilon = check.epsilon(epsilon)
     label_smoothing = check.label_smoothing(label_smoothing)
     return _run(call, "binary_cross_entropy", call.first.size, (epsilon, label_smoothing),

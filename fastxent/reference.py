@@ -33,10 +33,10 @@ repeats them):
 import numpy as np
 
 from ._dtypes import loss_dtype, round_to
-from ._score import Score
-from .backends import FUNCTIONS
+from ._score import LinearGrad, Score
+from .backends import FUNCTIONS, Partials
 
-__all__ = [*FUNCTIONS, "Score"]
+__all__ = [*FUNCTIONS, "Score", "linear_cross_entropy", "linear_score"]
 
 # --------------------------------------------------------------------------
 # helpers: one per formula
@@ -608,3 +608,161 @@ def score(logits, labels, *, axis=-1, ignore_index=None):
         argmax=argmax,
         correct=np.asarray(kept & (argmax == target)),
     )
+
+
+# --------------------------------------------------------------------------
+# a row split along the class axis (the backend contract's block functions)
+# --------------------------------------------------------------------------
+
+
+@np.errstate(all="ignore")
+def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments):
+    """Partial statistics of a block of classes ``[offset, offset + Cb)`` of each row.
+
+    The backend contract's ``softmax_partials`` (``fastxent/backends/__init__.py``):
+    ``logits`` is ``(N, Cb)``, ``labels`` None or ``(N,)`` class ids of the whole row,
+    ``class_weight`` None or the full ``(C,)`` vector. With ``z`` the (soft-capped)
+    scores, per row::
+
+        peak = max_c z_c,  total = Σ_c exp(z_c - peak)   (0 for an all -inf block)
+        target = z_y if offset <= y < offset + Cb and y != ignore_index, else 0
+        gap = Σ_c xy(w_{offset+c}, anchor - z_c),  anchor = peak if finite, else 0
+        spread = Σ_c xy(exp(z_c - peak), z_c - peak),  best = offset + argmax_c z_c
+
+    and ``best_value`` the score at ``best`` (``gap`` only with ``class_weight``; ``spread``,
+    ``best`` and ``best_value`` only with ``moments``).
+    Floats in the loss dtype, ``best`` int64.
+
+    Examples
+    --------
+    >>> softmax_partials(np.zeros((1, 2)), None, 0, None, None, None, False).total
+    array([2.])
+    """
+    x = _f64(logits)
+    z, _ = _softcap(x, softcap)
+    rows, count = z.shape
+    peak = np.max(z, axis=-1) if count else np.full(rows, -np.inf)
+    shifted = z - np.where(peak == -np.inf, 0.0, peak)[..., None]
+    total = np.sum(np.exp(shifted), axis=-1)
+    target = np.zeros(rows)
+    if labels is not None:
+        local = np.asarray(labels).astype(np.int64) - offset
+        inside = (local >= 0) & (local < count)
+        if ignore_index is not None:
+            inside &= np.asarray(labels) != ignore_index
+        picked = z[np.arange(rows), np.where(inside, local, 0)] if count else target
+        target = np.where(inside, picked, 0.0)
+    anchor = np.zeros(rows)
+    gap = np.zeros(rows)
+    if class_weight is not None:
+        anchor = np.where(np.isfinite(peak), peak, 0.0)
+        gap = np.sum(_xy(_f64(class_weight)[offset:offset + count], anchor[..., None] - z), axis=-1)
+    spread = best = best_value = None
+    dtype = loss_dtype(np.asarray(logits).dtype)
+    if moments:
+        spread = np.asarray(np.sum(_xy(np.exp(shifted), shifted), axis=-1), dtype=dtype)
+        best = np.asarray(np.argmax(x, axis=-1), dtype=np.int64)
+        best_value = np.asarray(x[np.arange(rows), best], dtype=dtype)
+        best = best + offset
+    return Partials(*(np.asarray(v, dtype=dtype) for v in (peak, total, target, anchor, gap)), spread, best,
+                    best_value)
+
+
+@np.errstate(all="ignore")
+def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,
+                       target_coef, weight_coef):
+    """The gradient of a block of classes ``[offset, offset + Cb)`` from each row's merged
+    normaliser (the backend contract's ``softmax_block_grad``)::
+
+        grad_ic = (P_i p_ic - V_i w_{offset+c} - [offset + c == y_i] Y_i) dz_ic/dx_ic,
+        p_ic = exp(z_ic - shift_i - log_sum_i)
+
+    with ``P, Y, V`` = ``p_coef, target_coef, weight_coef`` (no ``V`` term when
+    ``class_weight`` is None); 0 in an ignored row. In the logits' dtype.
+
+    Examples
+    --------
+    >>> softmax_block_grad(np.zeros((1, 2)), np.array([0]), 0, None, None, None,
+    ...                    np.zeros(1), np.log([2.0]), np.ones(1), np.ones(1), None)
+    array([[-0.5,  0.5]])
+    """
+    x = _f64(logits)
+    z, dz = _softcap(x, softcap)
+    rows, count = z.shape
+    p = np.exp(z - (_f64(shift) + _f64(log_sum))[..., None])
+    labels = np.asarray(labels).astype(np.int64)
+    onehot = (labels - offset)[..., None] == np.arange(count)
+    grad = _f64(p_coef)[..., None] * p - _f64(target_coef)[..., None] * onehot
+    if class_weight is not None:
+        grad = grad - _f64(weight_coef)[..., None] * _f64(class_weight)[offset:offset + count]
+    grad = grad * dz
+    if ignore_index is not None:
+        grad = np.where((labels == ignore_index)[..., None], 0.0, grad)
+    return grad.astype(np.asarray(logits).dtype)
+
+
+# --------------------------------------------------------------------------
+# hidden states: the linear layer, then the loss (a composition, on purpose)
+# --------------------------------------------------------------------------
+
+
+def _linear_logits(hidden, weight, bias):
+    """``hidden @ weight.T + bias`` in float64, whole."""
+    logits = _f64(hidden) @ _f64(weight).T
+    return logits if bias is None else logits + _f64(bias)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, ignore_index=None, class_weight=None,
+                         label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="none",
+                         return_grad=False, grad_output=None):
+    """:func:`sparse_softmax_cross_entropy` of the logits ``hidden @ weight.T + bias``.
+
+    The logits are formed whole in float64; with ``G`` their gradient (of
+    ``sum(grad_output * loss)``), the chain rule gives::
+
+        d/d hidden = G @ weight,   d/d weight = G.T @ hidden,   d/d bias = G.sum(0)
+
+    (sums over every leading axis of ``hidden``).
+
+    Parameters
+    ----------
+    hidden : ndarray (..., H); weight : ndarray (V, H); labels : int ndarray (...);
+    bias : ndarray (V,) or None; the options as in ``fastxent.linear_cross_entropy``.
+
+    Returns
+    -------
+    loss : ndarray, the loss dtype of ``hidden``; ``labels``' shape, or 0-d when reduced.
+    grad : :class:`LinearGrad`, each gradient in its argument's dtype; only with ``return_grad``.
+
+    Examples
+    --------
+    >>> linear_cross_entropy(np.ones((1, 2)), np.zeros((2, 2)), np.array([0]))  # log 2
+    array([0.69314718])
+    """
+    logits = _linear_logits(hidden, weight, bias)
+    out_dtype = loss_dtype(np.asarray(hidden).dtype)
+    result = sparse_softmax_cross_entropy(
+        logits, labels, ignore_index=ignore_index, class_weight=class_weight, label_smoothing=label_smoothing,
+        z_loss=z_loss, softcap=softcap, reduction=reduction, return_grad=return_grad, grad_output=grad_output)
+    if not return_grad:
+        return np.asarray(result, dtype=out_dtype)
+    loss, dlogits = result
+    rows = dlogits.reshape(-1, logits.shape[-1])
+    grad = LinearGrad(
+        hidden=(dlogits @ _f64(weight)).astype(np.asarray(hidden).dtype),
+        weight=(rows.T @ _f64(hidden).reshape(rows.shape[0], -1)).astype(np.asarray(weight).dtype),
+        bias=None if bias is None else rows.sum(axis=0).astype(np.asarray(bias).dtype))
+    return np.asarray(loss, dtype=out_dtype), grad
+
+
+def linear_score(hidden, weight, labels, bias=None, *, ignore_index=None):
+    """:func:`score` of the logits ``hidden @ weight.T + bias``; float fields in the loss dtype of ``hidden``.
+
+    Examples
+    --------
+    >>> linear_score(np.ones((1, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([0])).correct
+    array([ True])
+    """
+    fields = score(_linear_logits(hidden, weight, bias), labels, ignore_index=ignore_index)
+    out_dtype = loss_dtype(np.asarray(hidden).dtype)
+    return Score(*(field.astype(out_dtype) if field.dtype.kind == "f" else field for field in fields))

@@ -229,15 +229,21 @@ template <class A> __device__ __forceinline__ A sparse_xent_p_coef(const SparseR
     return r.z_loss > A(0) ? base + A(2) * r.z_loss * lse : base;
 }
 
+// (p_c P - a_c) dz_c/dx_c: the gradient element of every sparse-family row, given the row's
+// normaliser n, the coefficient P of p_c and the label weight a_c of class c (a split row's
+// blocks take P and a_c's parts from the host: softmax_block_grad_rows).
+template <class A> __device__ __forceinline__ A softmax_grad(A x, A cap, LogNorm<A> n, A p_coef, A a) {
+    A dz;
+    const A z = softcap(x, cap, dz);
+    return (fast_exp(n.log_prob(z)) * p_coef - a) * dz;
+}
+
 // d loss / d x_c for a kept row; w_c is the class weight of c (1 without weights).
 template <class A>
 __device__ __forceinline__ A sparse_xent_grad(const SparseRow<A>& r, i64 c, A x, A w_c, LogNorm<A> n, A p_coef,
                                               A scale) {
-    A dz;
-    const A z = softcap(x, r.cap, dz);
-    const A p = fast_exp(n.log_prob(z));
     const A a = r.eps_c * w_c + (c == r.y ? (A(1) - r.eps) * r.wy : A(0));
-    return (p * p_coef - a) * dz * scale;
+    return softmax_grad(x, r.cap, n, p_coef, a) * scale;
 }
 
 // ----------------------------------------------------------------------------

@@ -123,17 +123,18 @@ def sparse_options(name, num_classes):
     return options
 
 
-def compare(got, expected, dtype, what, scale=1.0):
+def compare(got, expected, dtype, what, scale=1.0, grad_scale=None):
     """A backend's ``(loss, grad)`` (or loss alone) against the reference's: the loss with
     the "value" tolerance, the gradient with the "stored" one, dtypes equal. ``scale``
     multiplies the absolute tolerances (an lse of 1e4 carries an absolute error of ~1e-3
-    in float32)."""
-    pairs = [("loss", got[0], expected[0], "value"), ("grad", got[1], expected[1], "stored")] if isinstance(
-        expected, tuple) else [("", got, expected, "value")]
-    for name, actual, wanted, kind in pairs:
+    in float32); ``grad_scale``, when given, those of the gradient."""
+    pairs = [("loss", got[0], expected[0], "value", scale),
+             ("grad", got[1], expected[1], "stored", scale if grad_scale is None else grad_scale)] if isinstance(
+        expected, tuple) else [("", got, expected, "value", scale)]
+    for name, actual, wanted, kind, factor in pairs:
         assert_same_dtype(actual, wanted, f"{what} {name}")
         rtol, atol = tolerance(dtype, kind)
-        assert_close(actual, wanted, dtype, kind, f"{what} {name}", tol=(rtol, atol * np.asarray(scale)))
+        assert_close(actual, wanted, dtype, kind, f"{what} {name}", tol=(rtol, atol * np.asarray(factor)))
 
 
 def compare_score(got, expected, dtype, what, scale=1.0):

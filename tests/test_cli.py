@@ -69,6 +69,14 @@ def run_for_rss(*args):
     return child.returncode, "\n".join(lines[:-1]), int(lines[-1].split()[1]) * 1024
 
 
+def without(tmp_path, module):
+    """A PYTHONPATH on which importing ``module`` fails, as if it were not installed."""
+    fake = tmp_path / "fake" / module
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"raise ImportError('{module} is not installed')\n")
+    return f"{tmp_path / 'fake'}{os.pathsep}{REPO}"
+
+
 def logits_and_labels(shape=(300, 37), seed=0, ignore_every=7):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape) * 3
@@ -119,11 +127,8 @@ def test_bench_plot(tmp_path):
 
 
 def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path):
-    fake = tmp_path / "fake" / "matplotlib"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
     status, out, err = run_cli("bench", "--quick", "--plot", tmp_path / "p.png",
-                               env_extra={"PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{REPO}"})
+                               env_extra={"PYTHONPATH": without(tmp_path, "matplotlib")})
     assert status == 2
     assert err.strip().splitlines() == ["fastxent bench: error: --plot needs matplotlib: "
                                         "pip install 'fastxent[plot]'"]
@@ -133,10 +138,7 @@ def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path):
 def test_bench_without_ml_dtypes_skips_bfloat16(tmp_path):
     """The README's first command installs numpy and numba only: no ml_dtypes, so
     the built-in bfloat16 cases are skipped with the reason, not an error."""
-    fake = tmp_path / "fake" / "ml_dtypes"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('ml_dtypes is not installed')\n")
-    env = {"PYTHONPATH": f"{tmp_path / 'fake'}{os.pathsep}{REPO}"}
+    env = {"PYTHONPATH": without(tmp_path, "ml_dtypes")}
     status, out, err = run_cli("bench", "--quick", "--peers", "none", env_extra=env)
     assert status == 0, err
     assert "bfloat16" not in "".join(line for line in out.splitlines() if line.startswith("| "))
@@ -167,6 +169,17 @@ def test_no_command_prints_help_and_version():
     assert status == 2 and "bench" in err and "score" in err
     status, out, err = run_cli("--version")
     assert status == 0 and out.strip() == f"fastxent {fx.__version__}"
+
+
+def test_every_package_ships():
+    """pyproject.toml lists its packages by hand: every folder of fastxent/ with an
+    __init__.py (the command line is a package of packages) must be among them."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as handle:
+        listed = set(tomllib.load(handle)["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(folder, REPO).replace(os.sep, ".")
+             for folder, _, files in os.walk(os.path.join(REPO, "fastxent")) if "__init__.py" in files}
+    assert found <= listed, f"not in pyproject.toml's packages: {sorted(found - listed)}"
 
 
 # ----------------------------------------------------------------------------
@@ -253,10 +266,7 @@ def test_score_progress_on_a_terminal_only(tmp_path, bar):
     if bar == "tqdm":
         pytest.importorskip("tqdm")
     else:  # tqdm is optional: without it, a plain line rewritten in place
-        fake = tmp_path / "fake" / "tqdm"
-        fake.mkdir(parents=True)
-        (fake / "__init__.py").write_text("raise ImportError('tqdm is not installed')\n")
-        pythonpath = f"{tmp_path / 'fake'}{os.pathsep}{REPO}"
+        pythonpath = without(tmp_path, "tqdm")
     x, y = logits_and_labels(shape=(3000, 64), ignore_every=0)
     np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "y.npy", y)
@@ -266,6 +276,20 @@ def test_score_progress_on_a_terminal_only(tmp_path, bar):
     shown = _run_with_terminal_stderr(args, pythonpath)
     assert "\r" in shown and ("row/s" if bar == "tqdm" else "rows/s, ETA") in shown, shown
     assert shown.rstrip().splitlines()[-1].startswith("fastxent score: 3,000 rows")
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "plain"])
+def test_bench_progress_on_a_terminal(tmp_path, bar):
+    """On a terminal a bar shows the entries done (it crashed there: the entry's name was
+    passed as the count); _run_with_terminal_stderr checks the exit status."""
+    if bar == "tqdm":
+        pytest.importorskip("tqdm")
+    pythonpath = REPO if bar == "tqdm" else without(tmp_path, "tqdm")
+    shown = _run_with_terminal_stderr(["bench", "--quick", "--ops", "sparse_fwd", "--shapes", "64x100",
+                                       "--backend", "numba", "--peers", "none"], pythonpath)
+    assert "\r" in shown and "Traceback" not in shown, shown
+    if bar == "plain":  # tqdm may skip redraws within its own interval
+        assert "fastxent[numba]" in shown, shown
 
 
 def test_score_every_field_equals_library(tmp_path):

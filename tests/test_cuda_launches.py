@@ -85,7 +85,8 @@ class Recorder:
             if ctype.endswith("*"):
                 if isinstance(arg, np.uint64):
                     assert int(arg) == 0, f"{where}: {pname} is a non-NULL integer"
-                    assert pname in {"class_weight", "scale", "grad", "pos_weight", "lse_out", "out"}, (
+                    assert pname in {"class_weight", "scale", "grad", "pos_weight", "lse_out", "out",
+                                     "weight_coef"}, (
                         f"{where}: NULL passed for {pname}, which the kernel always uses")
                     continue
                 assert isinstance(arg, FakeDeviceArray), f"{where}: {pname} ({ctype}) got {type(arg).__name__}"
@@ -183,6 +184,27 @@ def test_every_launch_matches_its_kernel(launches, dtype, shape):
     assert expected <= kernels, f"not launched: {expected - kernels}"
     groups = {entry[1][-1] for entry in launches if entry[0] == "softmax_rows"}
     assert groups == {8 if c <= 64 else 32 if c <= 1024 else 0}
+
+
+@pytest.mark.parametrize("dtype", FAKE_DTYPES, ids=[d.name for d in FAKE_DTYPES])
+@pytest.mark.parametrize("count", [3, 423, 5003], ids=["g8", "warp", "block"])
+def test_split_row_launches_match_their_kernels(launches, dtype, count):
+    """The block functions of a split row (a block of ``count`` classes from ``offset = count``)."""
+    rng = np.random.default_rng(3)
+    x = dev(rng.standard_normal((6, count)).astype(dtype))
+    labels = rng.integers(0, 2 * count, 6)
+    weights = rng.uniform(0.5, 2.0, 2 * count)
+    for ids in (dev(labels), dev(labels.astype(np.int32)), None):
+        for class_weight, softcap in ((None, None), (weights, 4.0)):
+            cuda.softmax_partials(x, ids, count, -100, class_weight, softcap, False)
+        cuda.softmax_partials(x, ids, count, None, None, None, True)
+    rows = [dev(rng.standard_normal(6)) for _ in range(5)]
+    cuda.softmax_block_grad(x, dev(labels), count, -100, weights, 4.0, *rows)
+    cuda.softmax_block_grad(x, dev(labels), count, None, None, None, *rows[:4], None)
+    assert {entry[0] for entry in launches} == {"sparse_partials_rows", "score_partials_rows",
+                                               "softmax_block_grad_rows"}
+    with pytest.raises(ValueError, match=r"the block of classes \[%d, %d\) needs at least" % (count, 2 * count)):
+        cuda.softmax_partials(x, dev(labels), count, None, weights[:count], None, False)
 
 
 def test_fused_launch_beyond_the_l2_budget_caps_residency(launches):

@@ -4,7 +4,8 @@ backend x dtype x shape x option through the public API, compared with
 ``fastxent.reference`` (float64) called directly, through the tolerance table
 of ``tests/support.py``; then the second-order identities, the adversarial
 inputs (|x| up to 3e38, probabilities of exactly 0 and 1, -inf/NaN rows) and
-the vectorisation of every Numba kernel.
+what a reduced elementwise loss allocates. The vectorisation of every Numba
+kernel, on AVX2 and AVX-512, is checked by ``tests/test_codegen.py``.
 
 Compiled variants (1 to 3.5 s of CPU each on a cold cache): every kernel is
 called with labels of the scores' dtype, so each compiles once per score dtype
@@ -12,6 +13,8 @@ and pass (forward-only, fused): 44; ``test_label_dtypes`` adds two and
 ``test_hvp_with_v_of_another_dtype`` one, 47 in all. Run
 ``python -m tests.test_families`` to count them after a run of this file.
 """
+
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -21,7 +24,6 @@ import fastxent as fx
 from fastxent import _dtypes
 from fastxent import reference as ref
 from fastxent.backends.numba import _elementwise, _moments, _probs, _softmax
-from fastxent.backends.numba import _math as nm
 from fastxent.backends.numba._rows import FASTMATH
 from tests.support import (
     DTYPE_IDS,
@@ -503,72 +505,28 @@ def test_score_agrees_with_the_sparse_loss():
     assert_close(got.lse, fx.logsumexp(logits), np.float32, "value", "lse")
 
 
+@pytest.mark.parametrize("fn, first", [
+    ("sigmoid_cross_entropy", make_logits((256, 1000), np.float32)),
+    ("binary_cross_entropy", np.random.default_rng(2).uniform(0.01, 0.99, (256, 1000)).astype(np.float32)),
+], ids=["sigmoid", "binary"])
+def test_reduced_elementwise_loss_has_no_unreduced_buffer(fn, first):
+    """A reduced elementwise loss is summed per block inside the kernel: the call
+    allocates a few KiB (per-block sums, option windows), not the ``(R, K)`` loss."""
+    labels = _binary_targets(first.shape, np.float32)
+    expected = getattr(ref, fn)(first, labels, reduction="mean")
+    compare(getattr(fx, fn)(first, labels, reduction="mean"), expected, np.float32, f"{fn} mean")
+    tracemalloc.start()
+    try:
+        getattr(fx, fn)(first, labels, reduction="sum")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < first.nbytes / 16, f"{fn}: peak {peak} bytes for {first.nbytes} bytes of scores"
+
+
 # ----------------------------------------------------------------------------
-# Vectorisation: every kernel, recompiled without cache so its assembly is at hand
+# The sigmoid's log1p polynomial
 # ----------------------------------------------------------------------------
-
-#: kernel attribute -> (module, call running it through the public API); float32, fused where it applies
-_X = make_logits((4, 3000), np.float32)
-_Z = _binary_targets((4, 3000), np.float32)
-_P = _row_probabilities((4, 3000), np.float32)
-_IDS = make_class_ids((4,), 3000)
-VECTOR_KERNELS = {
-    "sigmoid_kernel": (_elementwise, lambda: fx.sigmoid_cross_entropy(_X, _Z, pos_weight=np.linspace(1, 2, 3000),
-                                                                 return_grad=True)),
-    "sigmoid_hessian_kernel": (_elementwise, lambda: fx.sigmoid_cross_entropy_hessian_diag(_X, _Z)),
-    "binary_kernel": (_probs, lambda: fx.binary_cross_entropy(_P, _Z, return_grad=True)),
-    "categorical_kernel": (_probs, lambda: fx.categorical_cross_entropy(_P, _Z, return_grad=True)),
-    "sparse_categorical_kernel": (_probs, lambda: fx.sparse_categorical_cross_entropy(_P, _IDS,
-                                                                                          return_grad=True)),
-    "hvp_kernel": (_moments, lambda: fx.softmax_cross_entropy_hvp(_X, _Z)),
-    "score_kernel": (_moments, lambda: fx.score(_X, _IDS)),
-    "sparse_kernel": (_softmax, lambda: fx.sparse_softmax_cross_entropy(_X, _IDS, return_grad=True)),
-    "soft_kernel": (_softmax, lambda: fx.softmax_cross_entropy(_X, _P, return_grad=True)),
-    "lse_kernel": (_softmax, lambda: fx.logsumexp(_X)),
-    "log_softmax_kernel": (_softmax, lambda: fx.log_softmax(_X)),
-}
-
-#: The one libm call allowed: ``row_lse``'s ``math.log`` of the row sum, once per row.
-_PER_ROW_LIBM = {"logf", "log"}
-_USES_ROW_LSE = {"sparse_kernel", "soft_kernel", "lse_kernel", "log_softmax_kernel"}
-
-
-class _CompiledHere:
-    """The signatures a dispatcher compiled in this process (a signature loaded
-    from the on-disk cache has no assembly to inspect), for ``nm.simd_report``."""
-
-    def __init__(self, dispatcher):
-        self.dispatcher = dispatcher
-        self.signatures = [sig for sig in dispatcher.signatures if not dispatcher.stats.cache_hits.get(sig)]
-
-    def inspect_asm(self):
-        return {sig: self.dispatcher.inspect_asm(sig) for sig in self.signatures}
-
-
-@pytest.mark.parametrize("name", list(VECTOR_KERNELS))
-def test_kernels_vectorise_without_libm(name, monkeypatch):
-    """Every compiled variant of each kernel vectorises and calls no libm per element.
-
-    On a cold cache (CI) the variants the tests above compiled are inspected
-    as they are; a kernel loaded from the disk cache is recompiled without it
-    (float32, the call below), as its assembly is not kept there.
-    """
-    module, call = VECTOR_KERNELS[name]
-    kernel = getattr(module, name)
-    call()
-    compiled = _CompiledHere(kernel)
-    if not compiled.signatures:
-        options = kernel.targetoptions
-        fresh = njit(parallel=True, fastmath=options["fastmath"],
-                     error_model=options.get("error_model", "python"))(kernel.py_func)
-        monkeypatch.setattr(module, name, fresh)
-        call()
-        compiled = _CompiledHere(fresh)
-    report = nm.simd_report(compiled)
-    assert nm.asm_uses_simd(compiled), f"{name} did not vectorise: {report}"
-    allowed = _PER_ROW_LIBM if name in _USES_ROW_LSE else set()
-    assert set(report["libm"]) <= allowed, f"{name} calls libm: {report['libm']}"
-
 
 @njit(fastmath=FASTMATH, error_model="numpy")
 def _log1p_unit_loop(x, out):
@@ -605,3 +563,14 @@ if __name__ == "__main__":   # count the compiled variants a run of this file tr
               if name.endswith("_kernel") and hasattr(kernel, "signatures")}
     print(counts, "total", sum(counts.values()))
     sys.exit(code)
+
+
+@pytest.mark.parametrize("backend", ["numba"])
+def test_sigmoid_tiny_losses_keep_their_relative_precision(backend):
+    """x = -20..-80 with z = 0 (and the mirror x > 0, z = 1): losses of 2e-9..2e-35, where
+    the literal ``(1-z) x + w softplus(-x)`` loses every digit in float32."""
+    x = np.concatenate([-np.linspace(20, 80, 13), np.linspace(20, 80, 13)]).astype(np.float32)
+    z = (x > 0).astype(np.float32)
+    expected = np.log1p(np.exp(-np.abs(x.astype(np.float64))))
+    got = fx.sigmoid_cross_entropy(x, z, backend=backend).astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0)

@@ -291,22 +291,78 @@ def test_training_step_under_jit():
         assert_close(p_ours[key], p_theirs[key], "float32", f"updated {key}")
 
 
-def test_float64_gradients_by_finite_differences():
+def _enable_x64():
+    return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()  # older JAX
+
+
+def _float64_cases():
+    """name -> (ours, optax's, args): the three losses (and ``where``) on float64 inputs."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((4, 5)))
+    labels = jnp.asarray(rng.integers(0, 5, (4,)))
+    soft = jnp.asarray(rng.random((4, 5)))
+    z = jnp.asarray(rng.random((4, 5)))
+    mask = jnp.asarray(rng.random((4, 5)) < 0.7).at[:, 0].set(True)
+    assert x.dtype == jnp.float64
+    return {
+        "integer_labels": (lambda xx: fxj.softmax_cross_entropy_with_integer_labels(xx, labels),
+                           lambda xx: optax.softmax_cross_entropy_with_integer_labels(xx, labels), (x,)),
+        "integer_labels_where": (
+            lambda xx: fxj.softmax_cross_entropy_with_integer_labels(xx, labels, where=mask),
+            lambda xx: optax.softmax_cross_entropy_with_integer_labels(xx, labels, where=mask), (x,)),
+        "soft_labels": (fxj.softmax_cross_entropy, optax.softmax_cross_entropy, (x, soft)),
+        "soft_labels_where": (lambda xx, yy: fxj.softmax_cross_entropy(xx, yy, where=mask),
+                              lambda xx, yy: optax.softmax_cross_entropy(xx, yy, where=mask), (x, soft)),
+        "sigmoid": (fxj.sigmoid_binary_cross_entropy, optax.sigmoid_binary_cross_entropy, (x, z)),
+    }
+
+
+CASES_64 = ["integer_labels", "integer_labels_where", "soft_labels", "soft_labels_where", "sigmoid"]
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("case, transform", [(c, "jit") for c in CASES_64]
+                         + [(c, "vmap") for c in CASES_64 if not c.endswith("where")])
+def test_check_grads_second_order_both_modes(case, transform):
+    """``jax.test_util.check_grads(order=2, modes=["fwd", "rev"])``, as optax's own tests use it."""
     from jax.test_util import check_grads
 
-    enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else jax.experimental.enable_x64  # older JAX
-    with enable_x64(True):
-        rng = np.random.default_rng(7)
-        x = jnp.asarray(rng.standard_normal((4, 5)))
-        labels = jnp.asarray(rng.integers(0, 5, (4,)))
-        soft = jnp.asarray(rng.random((4, 5)))
-        assert x.dtype == jnp.float64
-        check_grads(lambda xx: fxj.softmax_cross_entropy_with_integer_labels(xx, labels), (x,), order=1,
-                    modes=["rev"])
-        check_grads(fxj.softmax_cross_entropy, (x, soft), order=1, modes=["rev"])
-        got = fxj.softmax_cross_entropy(x, soft)
-        assert got.dtype == jnp.float64
-        assert_close(got, optax.softmax_cross_entropy(x, soft), "float64", "float64 value")
+    with _enable_x64():
+        ours, _, args = _float64_cases()[case]
+        if transform == "vmap":
+            ours = jax.vmap(ours)
+            args = tuple(jnp.stack([a, 0.5 * a]) for a in args)
+        check_grads(jax.jit(ours), args, order=2, modes=["fwd", "rev"])
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("case", CASES_64)
+def test_forward_mode_and_hessians_match_optax(case):
+    with _enable_x64():
+        ours, theirs, args = _float64_cases()[case]
+        argnums = tuple(range(len(args)))
+        tangents = tuple(jnp.asarray(np.random.default_rng(i).standard_normal(a.shape)) for i, a in enumerate(args))
+        assert_close(jax.jvp(ours, args, tangents)[1], jax.jvp(theirs, args, tangents)[1], "float64", "jvp")
+        for name, transform in [("jacfwd", jax.jacfwd), ("jacrev", jax.jacrev), ("hessian", jax.hessian)]:
+            got = jax.jit(transform(lambda *a: ours(*a).sum(), argnums=argnums))(*args)
+            want = jax.jit(transform(lambda *a: theirs(*a).sum(), argnums=argnums))(*args)
+            for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                # optax's label derivatives are NaN at masked entries (-inf * 0 inside
+                # its masked sum); fastxent's are 0 there (see test_where).
+                g, w = np.asarray(g), np.asarray(w)
+                assert np.all(g[np.isnan(w)] == 0.0), f"{case} {name}: not 0 where optax is NaN"
+                assert_close(np.where(np.isnan(w), 0.0, g), np.nan_to_num(w, nan=0.0), "float64",
+                             f"{case} {name}")
+
+
+def test_second_order_adds_no_callback_to_a_first_order_gradient():
+    """A gradient traces the fused callback only; the softmax callback comes with second order."""
+    x = _logits((4, 5))
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, 5, (4,)))
+    loss = lambda xx: fxj.softmax_cross_entropy_with_integer_labels(xx, labels).sum()  # noqa: E731
+    first = str(jax.make_jaxpr(jax.grad(loss))(x))
+    assert first.count("pure_callback") == 1 and "_host_softmax" not in first
+    assert "_host_softmax" in str(jax.make_jaxpr(jax.hessian(loss))(x))
 
 
 def test_static_errors_are_raised_at_trace_time():

@@ -169,16 +169,89 @@ def test_gradients_inside_tf_function(kind):
         assert_close(a, b, f"{kind} in tf.function")
 
 
-def test_config_round_trip_and_serialization():
-    loss = fxk.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1, reduction="sum")
+CONFIG_CASES = {
+    "sparse": (fxk.SparseCategoricalCrossentropy, keras.losses.SparseCategoricalCrossentropy,
+               dict(from_logits=True, ignore_class=-1, reduction="sum", axis=1, name="scce", dtype="float64")),
+    "categorical": (fxk.CategoricalCrossentropy, keras.losses.CategoricalCrossentropy,
+                    dict(from_logits=True, label_smoothing=0.1, axis=1, reduction="none", name="cce",
+                         dtype="float64")),
+    "binary": (fxk.BinaryCrossentropy, keras.losses.BinaryCrossentropy,
+               dict(from_logits=True, label_smoothing=0.2, axis=0, reduction="mean", name="bce",
+                    dtype="float64")),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIG_CASES))
+def test_config_round_trips_every_constructor_argument(kind):
+    ours_cls, theirs_cls, kwargs = CONFIG_CASES[kind]
+    loss = ours_cls(**kwargs)
     config = loss.get_config()
-    assert config == keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=-1, reduction="sum").get_config()
-    again = fxk.SparseCategoricalCrossentropy.from_config(config)
-    assert isinstance(again, fxk.SparseCategoricalCrossentropy) and again.reduction == "sum"
-    restored = keras.losses.deserialize(keras.losses.serialize(fxk.CategoricalCrossentropy(label_smoothing=0.1)))
-    assert isinstance(restored, fxk.CategoricalCrossentropy) and restored.label_smoothing == 0.1
-    assert isinstance(fxk.BinaryCrossentropy(), keras.losses.BinaryCrossentropy)
+    assert config == {**kwargs, "reduction": loss.reduction}, config  # every argument, axis and dtype included
+    keras_config = theirs_cls(**kwargs).get_config()
+    assert {k: v for k, v in config.items() if k in keras_config} == keras_config  # a superset of Keras's
+    for again in (ours_cls.from_config(config), keras.losses.deserialize(keras.losses.serialize(loss))):
+        assert type(again) is ours_cls and again.get_config() == config
+        assert again.axis == kwargs["axis"] and again.dtype == "float64"
+    assert isinstance(loss, theirs_cls)
+
+
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_saved_and_reloaded_model_computes_the_same_loss(kind, tmp_path):
+    ours_cls, _ = PAIRS[kind]
+    axis = 1 if kind != "binary" else -1
+    options = {"sparse": {"ignore_class": 0}, "categorical": {"label_smoothing": 0.1},
+               "binary": {"label_smoothing": 0.2}}[kind]
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 4))
+    model = keras.Model(inputs, keras.layers.Dense(4)(inputs))  # (batch, 5, 4): classes on axis 1 or -1
+    model.compile(optimizer="sgd", loss=ours_cls(from_logits=True, axis=axis, **options))
+    rng = _rng(4)
+    data = rng.standard_normal((6, 5, 4)).astype(np.float32)
+    if kind == "sparse":
+        target = rng.integers(0, 5, (6, 4))
+    elif kind == "categorical":
+        target = np.moveaxis(np.eye(5, dtype=np.float32)[rng.integers(0, 5, (6, 4))], -1, 1)
+    else:
+        target = (rng.random((6, 5, 4)) < 0.5).astype(np.float32)
+    before = model.evaluate(data, target, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    reloaded = keras.models.load_model(path)
+    assert type(reloaded.loss) is ours_cls and reloaded.loss.get_config() == model.loss.get_config()
+    assert reloaded.loss.axis == axis
+    assert_close(reloaded.evaluate(data, target, verbose=0), before, "reloaded loss")
+
+
+@pytest.mark.parametrize("kind", list(PAIRS))
+def test_shape_mismatch_is_keras_value_error_at_trace_time(kind):
+    ours_cls, theirs_cls = PAIRS[kind]
+    y_pred = np.full((3, 3), 1 / 3, np.float32)
+    y_true = np.array([0, 1, 2, 1]) if kind == "sparse" else np.array([[0.0], [1.0], [1.0]])
+
+    @tf.function(autograph=False)
+    def traced(loss):
+        return loss(y_true, y_pred)
+
+    messages = []
+    for loss in (theirs_cls(), ours_cls()):
+        with pytest.raises(ValueError, match="must have the same shape") as error:
+            traced(loss)  # raised while tracing, before anything runs
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]  # Keras's own message
+
+
+def test_second_derivatives_raise_instead_of_missing_terms():
+    y_true, y_pred = _inputs("sparse", True, (4, 3))
+    variable = tf.Variable(y_pred)
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            value = fxk.SparseCategoricalCrossentropy(from_logits=True)(y_true, variable)
+        grad = inner.gradient(value, variable)
+        penalty = tf.reduce_sum(grad * grad)
+    _, expected = _value_and_grad(keras.losses.SparseCategoricalCrossentropy(from_logits=True), y_true, y_pred)
+    assert_close(grad, expected, "first order inside a nested tape")  # a reduced loss: the ramp is [1]
+    with pytest.raises(NotImplementedError, match="first derivatives only"):
+        outer.gradient(penalty, variable)
 
 
 def test_bad_labels_raise_with_fastxents_message():

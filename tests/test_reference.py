@@ -745,3 +745,30 @@ def test_score_matches_torch():
     assert_close(s.lse, torch.logsumexp(xt, -1).numpy())
     assert_close(s.entropy, torch.distributions.Categorical(logits=xt).entropy().numpy())
     assert_close(s.loss, torch.nn.functional.cross_entropy(xt, torch.tensor(labels), reduction="none").numpy())
+
+
+# --------------------------------------------------------------------------
+# the linear composition (fastxent.linear's oracle)
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_grads_match_finite_differences(reduction):
+    """d/d hidden, weight, bias of sum(grad_output * loss), every option on, by central differences."""
+    rng = np.random.default_rng(11)
+    hidden, weight, bias = rng.standard_normal((4, 3)), rng.standard_normal((C, 3)), rng.standard_normal(C)
+    labels = np.array([2, -100, 0, 6])
+    options = dict(ignore_index=-100, class_weight=rng.uniform(0.5, 2.0, C), label_smoothing=0.1, z_loss=0.01,
+                   softcap=3.0, reduction=reduction)
+    go = rng.standard_normal(4) if reduction == "none" else np.float64(0.7)
+
+    def objective(h, w, b):
+        return float(np.sum(go * ref.linear_cross_entropy(h, w, labels, b, **options)))
+
+    _, grad = ref.linear_cross_entropy(hidden, weight, labels, bias, return_grad=True, grad_output=go, **options)
+    assert_close(grad.hidden, fd_grad(lambda h: objective(h, weight, bias), hidden), rtol=1e-6, atol=1e-8,
+                 what="d/d hidden")
+    assert_close(grad.weight, fd_grad(lambda w: objective(hidden, w, bias), weight), rtol=1e-6, atol=1e-8,
+                 what="d/d weight")
+    assert_close(grad.bias, fd_grad(lambda b: objective(hidden, weight, b), bias), rtol=1e-6, atol=1e-8,
+                 what="d/d bias")
+    assert np.all(grad.hidden[1] == 0) and np.any(grad.weight != 0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import fastxent as fx
+from fastxent import _config
 from fastxent import reference as ref
 from tests.support import (
     DTYPE_IDS,
@@ -143,6 +144,37 @@ def test_non_finite_rows_stay_in_their_row(dtype):
         assert_close(getattr(fx, name)(logits), getattr(ref, name)(logits), dtype, "stored", name)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("option", ["plain", "ignore", "weights", "z_loss"])
+def test_short_rows_across_blocks(dtype, option):
+    """The short-row kernel (C < NUMBA_SHORT_ROW, blocks of NUMBA_ROW_BLOCK rows, transposed):
+    several blocks and a partial one, a grad_output per row, and non-finite rows that
+    must stay in their row (an ignored NaN row gets loss 0 and gradient 0)."""
+    count = 13
+    rows = 2 * _config.NUMBA_ROW_BLOCK + 37
+    logits = make_logits((rows, count), dtype, seed=21)
+    options = sparse_options(option, count)
+    labels = make_class_ids((rows,), count, ignore_index=options.get("ignore_index"), ignore_fraction=0.3, seed=22)
+    logits[5] = -np.inf                      # all -inf: NaN
+    logits[300, 4] = np.nan                  # NaN: NaN
+    logits[301, 2] = np.inf                  # +inf: NaN
+    logits[302, :12] = -np.inf               # masking: finite
+    labels[302] = 12
+    logits[303] = 1e4                        # large and uniform
+    if "ignore_index" in options:
+        logits[304, 3] = np.nan
+        labels[304] = -100                   # ignored NaN row: 0 and 0
+    grad_output = np.linspace(0.5, 2.0, rows)
+    expected = ref.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=grad_output,
+                                                **options)
+    got = fx.sparse_softmax_cross_entropy(logits, labels, return_grad=True, grad_output=grad_output, **options)
+    compare(got, expected, dtype, f"short rows {option}", scale=np.where(np.arange(rows) == 303, 1e4, 1.0)[:, None])
+    compare(fx.sparse_softmax_cross_entropy(logits, labels, **options), expected[0], dtype,
+            f"short rows {option} forward", scale=np.where(np.arange(rows) == 303, 1e4, 1.0))
+    if "ignore_index" in options:
+        assert got[0][304] == 0 and not got[1][304].any()
+
+
 def test_soft_labels_zero_where_masked():
     logits = make_logits((3, 6), np.float64)
     logits[:, 2] = -np.inf
@@ -235,3 +267,30 @@ def test_inputs_are_not_modified():
     fx.log_softmax(logits), fx.softmax(logits), fx.logsumexp(logits)
     for before, after in zip(saved, (logits, labels, soft, weights, upstream)):
         np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_class_weights_are_linear_like_torch(backend):
+    # PyTorch accepts any real class weights (its own module tests draw them
+    # from [-9, 9]); the loss is linear in them, so the kernels need no sign rule.
+    logits = make_logits((9, 5), np.float64)
+    labels = make_class_ids((9,), 5, ignore_index=-100, ignore_fraction=0.3)
+    weights = np.array([1.5, -2.0, 0.25, -0.5, 3.0])
+    options = dict(ignore_index=-100, class_weight=weights, label_smoothing=0.1, z_loss=1e-3)
+    for reduction in ("none", "sum", "mean"):
+        expected = ref.sparse_softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
+                                                    **options)
+        got = fx.sparse_softmax_cross_entropy(logits, labels, reduction=reduction, return_grad=True,
+                                              backend=backend, **options)
+        compare(got, expected, np.float64, f"{backend} negative weights {reduction}")
+
+    def unreduced(w):
+        return fx.sparse_softmax_cross_entropy(logits, labels, ignore_index=-100, class_weight=w,
+                                               backend=backend)
+
+    assert_close(unreduced(np.maximum(weights, 0)) + unreduced(np.minimum(weights, 0)), unreduced(weights),
+                 np.float64, "value", "linear in the weights")
+    # Weights summing to zero over the counted rows: the mean is still 0.0.
+    loss, grad = fx.sparse_softmax_cross_entropy(logits[:2], np.array([0, 1]), class_weight=[2.0, -2.0, 1, 1, 1],
+                                                 reduction="mean", return_grad=True, backend=backend)
+    assert float(loss) == 0.0 and not grad.any()

@@ -111,6 +111,7 @@ INDEX_OPTIONS = {
     "ignore_class": {"ignore_index": 1},
     "smoothing": {"label_smoothing": 0.15},
     "all": {"weight": "random", "ignore_index": -100, "label_smoothing": 0.1},
+    "signed_weight": {"weight": "signed", "ignore_index": -100, "label_smoothing": 0.1},
 }
 
 
@@ -130,6 +131,8 @@ def _index_kwargs(option, count, reduction):
     kwargs = dict(INDEX_OPTIONS[option], reduction=reduction)
     if kwargs.get("weight") == "random":
         kwargs["weight"] = torch.rand(count, generator=torch.Generator().manual_seed(7), dtype=torch.float64) + 0.2
+    if kwargs.get("weight") == "signed":  # torch accepts any real weights; these sum far from 0
+        kwargs["weight"] = torch.linspace(-1.0, 2.0, count, dtype=torch.float64) ** 3 + 0.5
     return kwargs
 
 
@@ -186,20 +189,27 @@ def test_cross_entropy_probabilities(dtype, reduction, rank, option):
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("weight", [None, "zeros"])
-def test_mean_over_nothing_is_nan_like_torch(label_smoothing, weight):
-    x = _logits((4, 3), torch.float32).requires_grad_(True)
+@pytest.mark.parametrize("weight", [None, "zeros", "signed_zero_sum"])
+def test_mean_over_a_zero_denominator_is_torchs(label_smoothing, weight):
+    # torch divides by the zero sum of weights: NaN, or +-inf when the weighted
+    # sum is not zero (signed weights); the gradient is torch's too.
+    x = _logits((4, 3), torch.float64).requires_grad_(True)
     if weight is None:
         target, w = torch.full((4,), -100), None
-    else:  # counted rows, all of class weight 0
-        target, w = torch.tensor([0, 0, 1, -100]), torch.tensor([0.0, 0.0, 1.0])
+    elif weight == "zeros":  # counted rows, all of class weight 0
+        target, w = torch.tensor([0, 0, 1, -100]), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    else:
+        target, w = torch.tensor([0, 1, 2, -100]), torch.tensor([1.0, -2.0, 1.0], dtype=torch.float64)
     ours = fxt.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing)
     theirs = F.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing)
-    assert math.isnan(ours.item()) and math.isnan(theirs.item())
+    assert not math.isfinite(theirs.item())
+    assert_close(ours, theirs, torch.float64, "loss")
     (ga,) = torch.autograd.grad(ours, x)
     (gb,) = torch.autograd.grad(theirs, x)
-    assert torch.equal(torch.isnan(ga), torch.isnan(gb))
-    assert torch.equal(torch.nan_to_num(ga), torch.nan_to_num(gb))
+    assert_close(ga, gb, torch.float64, "grad")
+    with torch.no_grad():
+        assert_close(fxt.cross_entropy(x, target, weight=w, label_smoothing=label_smoothing), theirs,
+                     torch.float64, "forward only")
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
@@ -211,6 +221,20 @@ def test_empty_batch_mean_is_nan(probabilities):
     loss.backward()
     assert x.grad.shape == (0, 5)
     assert fxt.cross_entropy(x, target, reduction="sum").item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("target", ["ignored", "probabilities", "unbatched_probabilities"])
+def test_zero_classes_give_torchs_result(reduction, target):
+    shape = (0,) if target.startswith("unbatched") else (3, 0)
+    x = torch.zeros(shape, requires_grad=True)
+    y = torch.full((3,), -100) if target == "ignored" else torch.zeros(shape)
+    ours = fxt.cross_entropy(x, y, reduction=reduction)
+    theirs = F.cross_entropy(x, y, reduction=reduction)
+    assert_close(ours, theirs, torch.float32, "loss")
+    assert torch.autograd.grad(ours.sum(), x)[0].shape == shape
+    with pytest.raises(IndexError, match="out of bounds"):  # torch's own error: no class to point at
+        fxt.cross_entropy(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long))
 
 
 def test_z_loss_and_softcap_against_a_torch_formula():
@@ -278,6 +302,8 @@ def test_bad_input_errors_name_the_problem():
         fxt.cross_entropy(_logits((4, 1), torch.float32), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="z_loss"):
         fxt.cross_entropy(x, torch.softmax(x, 1), z_loss=0.1)
+    with pytest.raises(ValueError, match="ignore_index is not supported for floating point target"):
+        fxt.cross_entropy(x, torch.softmax(x, 1), ignore_index=1)
     with pytest.raises(TypeError, match="device"):
         fxt.cross_entropy(torch.zeros((2, 3), device="meta"), torch.zeros(2, dtype=torch.long))
 
@@ -349,57 +375,191 @@ def test_bce_edge_cases_like_torch():
 
 
 # ----------------------------------------------------------------------------
-# autograd: gradcheck, double backward, modules, zero copy, compile
+# autograd: gradcheck, forward mode, second order, torch.func
 # ----------------------------------------------------------------------------
 
-@pytest.mark.usefixtures("sigmoid_backend")
-@pytest.mark.parametrize("case", ["indices", "indices_weight_smoothing", "probabilities_weight", "rank4",
-                                  "bce", "bce_weights"])
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_gradcheck_float64(case, reduction):
-    torch.manual_seed(0)
-    if case.startswith("bce"):
-        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-        z = torch.rand(4, 3, dtype=torch.float64)
-        kw = {}
-        if case == "bce_weights":
-            kw = dict(weight=torch.rand(3, dtype=torch.float64), pos_weight=torch.rand(3, dtype=torch.float64) + 1)
+#: One float64 case per option family: (loss, options), for gradcheck, gradgradcheck
+#: and the torch.func transforms. Weights of both signs, as torch allows.
+AUTOGRAD_CASES = {
+    "indices": ("ce", {}),
+    "indices_weight_smoothing_ignore": ("ce", {"weight": "signed", "label_smoothing": 0.2, "ignore": True}),
+    "indices_z_loss": ("ce", {"weight": "signed", "z_loss": 0.05, "ignore": True}),
+    "indices_softcap": ("ce", {"softcap": 2.5, "z_loss": 0.05, "label_smoothing": 0.1, "weight": "signed"}),
+    "rank4": ("ce", {"rank4": True}),
+    "unbatched": ("ce", {"unbatched": True}),
+    "probabilities_weight_smoothing": ("ce", {"probabilities": True, "weight": "signed", "label_smoothing": 0.1}),
+    "probabilities_softcap": ("ce", {"probabilities": True, "softcap": 3.0}),
+    "bce": ("bce", {}),
+    "bce_weights": ("bce", {"weight": "signed", "pos_weight": True}),
+}
 
-        def fn(xx):
-            return fxt.binary_cross_entropy_with_logits(xx, z, reduction=reduction, **kw)
+
+def _autograd_case(case, reduction, seed=0):
+    """``(loss_fn, theirs_or_None, x)``: ours, torch's function where torch has the options, float64 logits."""
+    kind, opts = AUTOGRAD_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    if kind == "bce":
+        x = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        z = torch.rand(4, 3, generator=g, dtype=torch.float64)
+        kw = {"reduction": reduction}
+        if opts.get("weight"):
+            kw["weight"] = torch.rand(3, generator=g, dtype=torch.float64) * 2 - 0.5
+        if opts.get("pos_weight"):
+            kw["pos_weight"] = torch.rand(3, generator=g, dtype=torch.float64) * 3
+        return (lambda xx: fxt.binary_cross_entropy_with_logits(xx, z, **kw),
+                lambda xx: F.binary_cross_entropy_with_logits(xx, z, **kw), x)
+    shape = (2, 4, 3, 2) if opts.get("rank4") else (4,) if opts.get("unbatched") else (5, 4)
+    class_dim = 0 if len(shape) == 1 else 1
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if opts.get("probabilities"):
+        target = torch.softmax(torch.randn(shape, generator=g, dtype=torch.float64), class_dim)
     else:
-        shape = (2, 4, 3, 2) if case == "rank4" else (5, 4)
-        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-        target = torch.randint(0, 4, (shape[0],) + shape[2:])
-        kw = {}
-        if case == "indices_weight_smoothing":
+        target = torch.randint(0, 4, shape[:class_dim] + shape[class_dim + 1:], generator=g)
+        if opts.get("ignore"):
             target[1] = -100
-            kw = dict(weight=torch.rand(4, dtype=torch.float64) + 0.1, label_smoothing=0.2)
-        if case == "probabilities_weight":
-            target = torch.softmax(torch.randn(shape, dtype=torch.float64), 1)
-            kw = dict(weight=torch.rand(4, dtype=torch.float64) + 0.1, label_smoothing=0.1)
+    kw = {"reduction": reduction}
+    if opts.get("weight"):
+        kw["weight"] = torch.tensor([1.5, -0.5, 0.75, 2.0], dtype=torch.float64)
+    if "label_smoothing" in opts:
+        kw["label_smoothing"] = opts["label_smoothing"]
+    extras = {k: opts[k] for k in ("z_loss", "softcap") if k in opts}
+    theirs = None if extras else (lambda xx: F.cross_entropy(xx, target, **kw))
+    return lambda xx: fxt.cross_entropy(xx, target, **kw, **extras), theirs, x
 
-        def fn(xx):
-            return fxt.cross_entropy(xx, target, reduction=reduction, **kw)
-    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("case", list(AUTOGRAD_CASES))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_and_gradgradcheck_float64(case, reduction):
+    fn, _, x = _autograd_case(case, reduction)
+    x.requires_grad_(True)
+    # Full Jacobians for first order; for second order, gradgradcheck's fast mode
+    # (random projections of the Jacobians, about half the time here) except for
+    # one case per loss, checked in full.
+    full = reduction == "mean" and case in ("indices_weight_smoothing_ignore", "bce_weights")
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5, check_batched_grad=True,
+                                    check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5, check_batched_grad=True,
+                                        check_fwd_over_rev=True, fast_mode=not full)
+
+
+def _hvp_by_kernel(x, v, class_dim):
+    """``fastxent.softmax_cross_entropy_hvp`` of each row: the kernel the Hessians are held to."""
+    return torch.from_numpy(fx.softmax_cross_entropy_hvp(x.detach().numpy(), v.numpy(), axis=class_dim))
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+def test_hessians_match_the_second_order_kernels():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 5, (6,), generator=g)
+    v = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    for reduction, scale in (("sum", 1.0), ("mean", 1.0 / 6)):
+        loss_of = lambda xx: fxt.cross_entropy(xx, target, reduction=reduction)  # noqa: E731
+        _, hvp = torch.autograd.functional.hvp(loss_of, x, v)
+        assert_close(hvp, scale * _hvp_by_kernel(x, v, 1), torch.float64, f"{reduction} hvp vs kernel")
+    soft = torch.softmax(torch.randn(6, 5, generator=g, dtype=torch.float64), 1)
+    _, hvp = torch.autograd.functional.hvp(lambda xx: fxt.cross_entropy(xx, soft, reduction="sum"), x, v)
+    assert_close(hvp, _hvp_by_kernel(x, v, 1), torch.float64, "soft labels hvp vs kernel")
+    z = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    q = torch.rand(5, generator=g, dtype=torch.float64) * 3
+    hessian = torch.autograd.functional.hessian(
+        lambda xx: fxt.binary_cross_entropy_with_logits(xx, z, pos_weight=q, reduction="sum"), x)
+    diagonal = torch.from_numpy(fx.sigmoid_cross_entropy_hessian_diag(x.numpy(), z.numpy(), pos_weight=q.numpy()))
+    assert_close(hessian.reshape(30, 30), torch.diag(diagonal.reshape(-1)), torch.float64, "bce hessian vs kernel")
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("case", [c for c, (_, o) in AUTOGRAD_CASES.items() if not {"z_loss", "softcap"} & set(o)])
+def test_torch_func_transforms_match_torch(case):
+    """vmap, grad, jvp, jacrev, jacfwd and hessian of ours against the same transforms of torch's."""
+    ours, theirs, x = _autograd_case(case, "mean")
+    tangent = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    func = torch.func
+    for name, transform in [("grad", func.grad), ("jacrev", func.jacrev), ("jacfwd", func.jacfwd),
+                            ("hessian", func.hessian)]:
+        assert_close(transform(ours)(x), transform(theirs)(x), torch.float64, f"{case} {name}")
+    assert_close(func.jvp(ours, (x,), (tangent,))[1], func.jvp(theirs, (x,), (tangent,))[1], torch.float64,
+                 f"{case} jvp")
+    batch = torch.stack([x, 2 * x, -x])
+    assert_close(func.vmap(ours)(batch), func.vmap(theirs)(batch), torch.float64, f"{case} vmap")
+    assert_close(func.vmap(func.grad(ours))(batch), func.vmap(func.grad(theirs))(batch), torch.float64,
+                 f"{case} vmap(grad)")
 
 
 @pytest.mark.usefixtures("sigmoid_backend")
 @pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
-def test_double_backward_raises_a_clear_error(loss):
-    # A gradient penalty: without the error the penalty's gradient would silently
-    # miss the loss's second-order terms (the saved gradient is a constant).
+def test_forward_ad_gives_the_tangent(loss):
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    tangent = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    if loss == "cross_entropy":
+        target = torch.randint(0, 4, (5,), generator=g)
+        ours, theirs = fxt.cross_entropy, F.cross_entropy
+    else:
+        target = torch.rand(5, 4, generator=g, dtype=torch.float64)
+        ours, theirs = fxt.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits
+    for reduction in REDUCTIONS:
+        with fwAD.dual_level():
+            a = fwAD.unpack_dual(ours(fwAD.make_dual(x, tangent), target, reduction=reduction))
+            b = fwAD.unpack_dual(theirs(fwAD.make_dual(x, tangent), target, reduction=reduction))
+        assert a.tangent is not None, f"{loss} {reduction}: no tangent"
+        assert_close(a.primal, b.primal, torch.float64, f"{loss} {reduction} primal")
+        assert_close(a.tangent, b.tangent, torch.float64, f"{loss} {reduction} tangent")
+
+
+@pytest.mark.usefixtures("sigmoid_backend")
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
+def test_gradient_penalty_and_third_order_match_torch(loss):
+    # A gradient penalty through a model: the second-order terms of the loss
+    # reach the model's weights; and one more derivative for good measure.
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 3).double()
     x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     if loss == "cross_entropy":
-        value = fxt.cross_entropy(model(x), torch.tensor([0, 1, 2, 0]))
+        target = torch.tensor([0, 1, 2, 0])
+        ours = lambda out: fxt.cross_entropy(out, target, label_smoothing=0.1)  # noqa: E731
+        theirs = lambda out: F.cross_entropy(out, target, label_smoothing=0.1)  # noqa: E731
     else:
-        value = fxt.binary_cross_entropy_with_logits(model(x), torch.rand(4, 3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="does not support double backward"):
-        torch.autograd.grad(value, x, create_graph=True)
-    (grad,) = torch.autograd.grad(value, x)  # first order is fine
-    assert grad.shape == x.shape
+        target = torch.rand(4, 3, dtype=torch.float64)
+        ours = lambda out: fxt.binary_cross_entropy_with_logits(out, target)  # noqa: E731
+        theirs = lambda out: F.binary_cross_entropy_with_logits(out, target)  # noqa: E731
 
+    def penalty(fn):
+        (grad,) = torch.autograd.grad(fn(model(x)), x, create_graph=True)
+        return torch.autograd.grad((grad ** 2).sum(), [x, *model.parameters()], create_graph=True)
+
+    for a, b in zip(penalty(ours), penalty(theirs)):
+        assert_close(a, b, torch.float64, f"{loss} gradient penalty")
+    third_ours = torch.autograd.grad(penalty(ours)[0].sum(), x)[0]
+    third_theirs = torch.autograd.grad(penalty(theirs)[0].sum(), x)[0]
+    assert_close(third_ours, third_theirs, torch.float64, f"{loss} third order")
+
+
+def test_derivatives_for_target_are_torchs():
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    soft = torch.softmax(torch.randn(3, 4, generator=g, dtype=torch.float64), 1)
+    z = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    tangent = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    with fwAD.dual_level():  # a dual target goes to torch's function
+        a = fwAD.unpack_dual(fxt.cross_entropy(x, fwAD.make_dual(soft, tangent))).tangent
+        b = fwAD.unpack_dual(F.cross_entropy(x, fwAD.make_dual(soft, tangent))).tangent
+    assert_close(a, b, torch.float64, "target tangent")
+    for ours, theirs, y in [(fxt.cross_entropy, F.cross_entropy, soft),
+                            (fxt.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits, z)]:
+        for transform in (torch.func.grad, torch.func.jacfwd):
+            assert_close(transform(lambda yy: ours(x, yy))(y), transform(lambda yy: theirs(x, yy))(y),
+                         torch.float64, f"{ours.__name__} {transform.__name__} in target")
+
+
+# ----------------------------------------------------------------------------
+# modules, zero copy, strides, compile
+# ----------------------------------------------------------------------------
 
 def test_backward_twice_with_retain_graph_is_stable():
     x = _logits((4, 3), torch.float32).requires_grad_(True)

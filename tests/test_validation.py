@@ -122,7 +122,7 @@ def test_float_class_ids_are_type_errors(backend):
     ({"ignore_index": 1.5}, TypeError, "ignore_index must be None or an int"),
     ({"ignore_index": True}, TypeError, "ignore_index must be None or an int"),
     ({"class_weight": np.ones(4)}, ValueError, r"class_weight has shape \(4,\), expected \(5,\)"),
-    ({"class_weight": np.array([1, 1, -1, 1, 1.0])}, ValueError, r"class_weight\[2\] = -1.0"),
+    ({"class_weight": np.array([1, 1, np.inf, 1, 1.0])}, ValueError, r"class_weight\[2\] = inf must be finite"),
     ({"class_weight": np.array([1, 1, 1, np.nan, 1])}, ValueError, r"class_weight\[3\] = nan"),
     ({"return_grad": "yes"}, TypeError, "return_grad must be True or False"),
     ({"grad_output": np.ones(5)}, ValueError, "grad_output has shape"),

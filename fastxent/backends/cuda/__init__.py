@@ -20,16 +20,23 @@ synchronisation; when it is set, :class:`fastxent.backends.BadLabels` is raised 
 the public layer words the ``ValueError``. ``fastxent._config.CUDA_CHECK_LABELS = False``
 or ``FASTXENT_CUDA_SKIP_LABEL_CHECK=1`` skips the read.
 
-``inplace=True`` (the fused softmax calls): the gradient is written into the logits
-buffer and returned as the gradient, saving an (N, C) allocation and its memory
-traffic; the logits are lost.
+``inplace=True`` (the fused softmax, sigmoid and binary calls): the gradient is written
+into the scores' buffer and returned as the gradient, saving an allocation of their size
+and its memory traffic; the scores are lost. Each element is read before it is written,
+by the same thread (the row kernels synchronise the group before the gradient stores).
+
+``total=True`` (every loss): the loss is returned as its sum, a float64 0-d CuPy array,
+for the public layer's reductions. The kernels still write the unreduced loss and the
+sum is one CuPy reduction over it on the device: the loss is (N,) for the row
+families, and for the elementwise ones a buffer of the scores' size in the
+accumulation type (the Numba backend sums per block inside its kernel instead).
 """
 
 import numpy as np
 
 from ... import _config
 from ..._score import Score
-from .. import FUNCTIONS
+from .. import FUNCTIONS, Partials
 from . import _args as a
 from . import _build, _plans
 from ._build import acc_dtype_name, get_kernel, instantiations, kernel_source, name_expression, precompile
@@ -39,6 +46,13 @@ __all__ = [*FUNCTIONS, "get_kernel", "instantiations", "kernel_source", "name_ex
 
 # Values of softmax_rows' mode argument (SoftmaxMode in softmax_rows.cu).
 _MODE_LOGSUMEXP, _MODE_LOG_SOFTMAX, _MODE_SOFTMAX = 0, 1, 2
+
+
+def _finish(loss, grad, total):
+    """The unreduced loss, or with ``total`` its float64 sum (0-d, on the device)."""
+    if total:
+        return loss.sum(dtype=np.float64), grad
+    return loss, grad
 
 
 def _info(array):
@@ -72,7 +86,7 @@ def _row_launch(kernel_name, first, second, fused, args, *checked):
 # ----------------------------------------------------------------------------
 
 def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, label_smoothing,
-                                 z_loss, softcap, grad_scale, *, inplace=False):
+                                 z_loss, softcap, grad_scale, *, total=False, inplace=False):
     """Sparse softmax cross-entropy of (N, C) rows: ``(loss (N,), grad (N, C) or None)``.
 
     Few rows of many classes (N < SMs, C >= ``CUDA_SPLIT_MIN_CLASSES``) take the
@@ -82,7 +96,7 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
     with a.device(logits):
         loss, grad = _outputs(logits, n_rows, grad_scale, inplace)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         info = _info(logits)
         ids = a.class_ids(labels, n_rows)
         weights, weight_sum = a.class_weight_args(class_weight, n_classes)
@@ -102,7 +116,7 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
                      (logits, ids, a.i64(n_rows), a.i64(n_classes), *options, scale, scale_value, loss,
                       a.pointer(grad), a.i32(vec), flag), plan.smem)
         a.check_label_flag(flag)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 #: Accumulation-type words of the device structs the split path keeps in global memory
@@ -134,20 +148,20 @@ def _sparse_split(logits, ids, split, options, scale, scale_value, loss, grad, v
                               ignore, has_ignore, row_norm, scale, scale_value, grad, a.i32(vec)))
 
 
-def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, *, inplace=False):
+def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, *, total=False, inplace=False):
     """Soft-label softmax cross-entropy of (N, C) rows; ``inplace`` as the sparse one."""
     n_rows, n_classes = logits.shape
     with a.device(logits):
         loss, grad = _outputs(logits, n_rows, grad_scale, inplace)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, logits.dtype, _info(logits), logits.shape)
         scale, scale_value = a.scale_args(grad_scale, n_rows)
         _row_launch("soft_xent_rows", logits, targets, grad is not None,
                     (logits, targets, a.i64(n_rows), a.i64(n_classes), a.f64(label_smoothing),
                      a.f64(softcap if softcap is not None else 0.0), scale, scale_value, loss, a.pointer(grad)),
                     targets, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 def _softmax_rows(x, mode):
@@ -216,29 +230,29 @@ def score(logits, labels, ignore_index):
 # Probability inputs
 # ----------------------------------------------------------------------------
 
-def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale):
+def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *, total=False):
     """Keras categorical cross-entropy of (N, C) probability rows."""
     n_rows, n_classes = probs.shape
     with a.device(probs):
         loss, grad = _outputs(probs, n_rows, grad_scale)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, probs.dtype, _info(probs), probs.shape)
         lo, hi = a.clip_args(epsilon, probs.dtype)
         scale, scale_value = a.scale_args(grad_scale, n_rows)
         _row_launch("categorical_rows", probs, targets, True,
                     (probs, targets, a.i64(n_rows), a.i64(n_classes), lo, hi, a.f64(label_smoothing), scale,
                      scale_value, loss, a.pointer(grad)), targets, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
-def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale):
+def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale, *, total=False):
     """Keras sparse categorical cross-entropy of (N, C) probability rows."""
     n_rows, n_classes = probs.shape
     with a.device(probs):
         loss, grad = _outputs(probs, n_rows, grad_scale)
         if n_rows == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         ids = a.class_ids(labels, n_rows)
         lo, hi = a.clip_args(epsilon, probs.dtype)
         ignore, has_ignore = a.ignore_args(ignore_index)
@@ -251,7 +265,7 @@ def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_
                  (probs, ids, a.i64(n_rows), a.i64(n_classes), lo, hi, ignore, has_ignore, scale, scale_value,
                   loss, a.pointer(grad), a.i32(vec_ok(vector_width(probs.dtype), probs)), flag), plan.smem)
         a.check_label_flag(flag)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 # ----------------------------------------------------------------------------
@@ -266,12 +280,12 @@ def _elementwise_launch(kernel_name, first, targets, args, *checked):
              args + (a.i32(vec_ok(vec, first, targets, *checked)),))
 
 
-def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale):
+def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale, *, total=False, inplace=False):
     """Elementwise sigmoid cross-entropy of (R, K) scores; ``(loss (R, K), grad or None)``."""
     with a.device(logits):
-        loss, grad = _outputs(logits, logits.shape, grad_scale)
+        loss, grad = _outputs(logits, logits.shape, grad_scale, inplace)
         if logits.size == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, logits.dtype, _info(logits), logits.shape)
         mode, weights, weight_value = a.pos_weight_args(pos_weight, logits.shape)
         scale, scale_value = a.scale_args(grad_scale, logits.size)
@@ -279,7 +293,7 @@ def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scal
                             (logits, targets, a.i64(logits.size), a.i64(logits.shape[-1]), mode, weights,
                              weight_value, a.f64(label_smoothing), scale, scale_value, loss, a.pointer(grad)),
                             loss, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
 
 
 def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
@@ -296,16 +310,80 @@ def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
     return out
 
 
-def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale):
+def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *, total=False, inplace=False):
     """Keras binary cross-entropy of (R, K) probabilities; ``(loss, grad or None)``."""
     with a.device(probs):
-        loss, grad = _outputs(probs, probs.shape, grad_scale)
+        loss, grad = _outputs(probs, probs.shape, grad_scale, inplace)
         if probs.size == 0:
-            return loss, grad
+            return _finish(loss, grad, total)
         targets = a.dense_operand(labels, probs.dtype, _info(probs), probs.shape)
         lo, hi = a.clip_args(epsilon, probs.dtype)
         scale, scale_value = a.scale_args(grad_scale, probs.size)
         _elementwise_launch("binary_xent_elems", probs, targets,
                             (probs, targets, a.i64(probs.size), lo, hi, a.f64(label_smoothing), scale, scale_value,
                              loss, a.pointer(grad)), loss, grad)
-    return loss, grad
+        return _finish(loss, grad, total)
+
+
+# ----------------------------------------------------------------------------
+# A block of classes of a split row
+# ----------------------------------------------------------------------------
+
+def _block_ids(labels, n_rows):
+    """A split row's class ids as int64 (one instantiation per kernel: N ids beside N x C scores)."""
+    import cupy
+
+    if labels is None:
+        return cupy.full(n_rows, -1, dtype=np.int64)
+    return a.class_ids(labels, n_rows).astype(np.int64, copy=False)
+
+
+def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments):
+    """Partial statistics of a block ``(N, Cb)`` of classes from ``offset``: a
+    :class:`fastxent._partials.Partials` of (N,) arrays."""
+    import cupy
+
+    n_rows, n_classes = logits.shape
+    with a.device(logits):
+        acc = acc_dtype_name(logits.dtype)
+        peak, total, target, anchor, gap = (cupy.zeros(n_rows, dtype=acc) for _ in range(5))
+        spread = cupy.zeros(n_rows, dtype=acc) if moments else None
+        best = cupy.zeros(n_rows, dtype=np.int64) if moments else None
+        best_value = cupy.zeros(n_rows, dtype=acc) if moments else None
+        if n_rows == 0:
+            return Partials(peak, total, target, anchor, gap, spread, best, best_value)
+        ids = _block_ids(labels, n_rows)
+        ignore, has_ignore = a.ignore_args(ignore_index)
+        plan = row_plan(n_rows, n_classes, n_classes * logits.dtype.itemsize, _info(logits), False)
+        head = (logits, ids, a.i64(n_rows), a.i64(n_classes), a.i64(offset), ignore, has_ignore)
+        vec = a.i32(vec_ok(vector_width(logits.dtype), logits))
+        if moments:
+            a.launch(_build.get_kernel("score_partials_rows", logits.dtype, plan.group), plan.grid, plan.threads,
+                     head + (peak, total, target, spread, best, best_value, vec))
+        else:
+            a.launch(_build.get_kernel("sparse_partials_rows", logits.dtype, plan.group), plan.grid, plan.threads,
+                     head + (a.block_weights(class_weight, offset, n_classes),
+                             a.f64(softcap if softcap is not None else 0.0), peak, total, target, anchor, gap, vec))
+    return Partials(peak, total, target, anchor, gap, spread, best, best_value)
+
+
+def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,
+                       target_coef, weight_coef):
+    """The gradient of a block ``(N, Cb)`` of classes from ``offset``, from the rows' merged
+    normaliser and coefficients; in the logits' dtype."""
+    n_rows, n_classes = logits.shape
+    with a.device(logits):
+        grad = a.empty(logits.shape, logits.dtype)
+        if n_rows == 0:
+            return grad
+        ignore, has_ignore = a.ignore_args(ignore_index)
+        weights = a.block_weights(class_weight, offset, n_classes)
+        rows = [a.row_values(name, values, n_rows) for name, values in
+                (("shift", shift), ("log_sum", log_sum), ("p_coef", p_coef), ("target_coef", target_coef))]
+        coef = a.NULL if class_weight is None else a.row_values("weight_coef", weight_coef, n_rows)
+        plan = row_plan(n_rows, n_classes, n_classes * logits.dtype.itemsize, _info(logits), False)
+        a.launch(_build.get_kernel("softmax_block_grad_rows", logits.dtype, plan.group), plan.grid, plan.threads,
+                 (logits, _block_ids(labels, n_rows), a.i64(n_rows), a.i64(n_classes), a.i64(offset), ignore,
+                  has_ignore, weights, a.f64(softcap if softcap is not None else 0.0), *rows, coef, grad,
+                  a.i32(vec_ok(vector_width(logits.dtype), logits, grad))))
+    return grad

@@ -94,6 +94,29 @@ def class_weight_args(class_weight, count):
     return cupy.asarray(weights), f64(weights.sum())
 
 
+def block_weights(class_weight, offset, count):
+    """The whole row's class weights on the device (the block kernels read ``offset + c``
+    for ``c < count``), or NULL."""
+    import cupy
+
+    if class_weight is None:
+        return NULL
+    weights = np.ascontiguousarray(class_weight, dtype=np.float64)
+    if weights.ndim != 1 or weights.size < offset + count:
+        raise ValueError(f"class_weight has shape {weights.shape}; the block of classes [{offset}, "
+                         f"{offset + count}) needs at least {offset + count}")
+    return cupy.asarray(weights)
+
+
+def row_values(name, values, count):
+    """A per-row float64 operand (``count`` values, C-contiguous on the device)."""
+    import cupy
+
+    array = cupy.ascontiguousarray(cupy.asarray(values), dtype=np.float64).reshape(-1)
+    _expect_size(name, array, count)
+    return array
+
+
 def ignore_args(ignore_index):
     """(ignore_index, has_ignore); an ignore_index outside int64 matches no label."""
     if ignore_index is None or not -(2**63) <= int(ignore_index) < 2**63:

@@ -71,6 +71,9 @@ KERNELS = {
     "sigmoid_hess_elems": ("elementwise.cu", ("score", "dense")),
     "binary_xent_elems": ("elementwise.cu", ("score", "dense")),
     "cast_elems": ("elementwise.cu", ("source", "acc")),
+    "sparse_partials_rows": ("partials_rows.cu", ("score", "group")),
+    "score_partials_rows": ("partials_rows.cu", ("score", "group")),
+    "softmax_block_grad_rows": ("partials_rows.cu", ("score", "group")),
 }
 
 

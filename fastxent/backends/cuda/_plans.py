@@ -12,10 +12,6 @@ import numpy as np
 
 from ... import _config
 
-#: Largest grid.x (CUDA's limit); rows beyond it are covered by the grid-stride loops.
-MAX_GRID = 2**31 - 1
-
-
 class DeviceInfo(NamedTuple):
     """The device attributes the plans use."""
 
@@ -68,12 +64,12 @@ def row_plan(n_rows, n_classes, row_bytes, info, fused):
     if n_classes <= _config.CUDA_WARP_MAX_CLASSES:
         group = 8 if n_classes <= _config.CUDA_GROUP8_MAX_CLASSES else 32
         rows_per_block = _config.CUDA_GROUP_BLOCK_THREADS // group
-        grid = min(-(-n_rows // rows_per_block), MAX_GRID)
+        grid = min(-(-n_rows // rows_per_block), _config.CUDA_MAX_GRID)
         return RowPlan(group, max(grid, 1), _config.CUDA_GROUP_BLOCK_THREADS, 0)
     threads = _pow2_at_least(-(-n_classes // _config.CUDA_ROW_ELEMENTS_PER_THREAD))
     threads = min(max(threads, _config.CUDA_ROW_BLOCK_MIN_THREADS), _config.CUDA_ROW_BLOCK_MAX_THREADS)
     smem = _residency_smem(threads, row_bytes, info) if fused else 0
-    return RowPlan(0, max(min(n_rows, MAX_GRID), 1), threads, smem)
+    return RowPlan(0, max(min(n_rows, _config.CUDA_MAX_GRID), 1), threads, smem)
 
 
 def _residency_smem(threads, row_bytes, info):

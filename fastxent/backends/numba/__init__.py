@@ -11,6 +11,8 @@ kernels live by job:
 * ``_softmax``: sparse and soft-label softmax cross-entropy, logsumexp,
   log_softmax, softmax;
 * ``_moments``: ``score`` and the softmax hvp (one-read row moments);
+* ``_partials``: a block of classes of a split row (partial statistics, the
+  block's gradient from the merged normaliser);
 * ``_elementwise``: sigmoid cross-entropy and its Hessian diagonal;
 * ``_probs``: binary, categorical and sparse categorical cross-entropy on probabilities.
 
@@ -22,12 +24,14 @@ neutral are always passed (class weights of ones, ``ignore_index`` -1, a
 and the gradient are pruned at compile time when ``None``.
 """
 
+import numba
 import numpy as np
 
 from ... import _config, _dtypes
 from ..._score import Score
-from .. import FUNCTIONS
-from . import _elementwise, _moments, _probs, _softmax
+from .. import FUNCTIONS, Partials
+from . import _elementwise, _moments, _partials, _probs, _softmax
+from ._rows import IN_PLACE
 
 __all__ = list(FUNCTIONS)
 
@@ -128,38 +132,66 @@ def _loss_out(size, dtype):
     return np.empty(size, dtype=_dtypes.loss_dtype(dtype))
 
 
-def _row_outputs(first, grad_scale):
-    """``(loss, grad, grad view, scale, step)`` of a row kernel; grad ``None`` forward-only.
+def _grad_scale_values(grad_scale, rows):
+    """``(scale, step)`` of a row kernel: a uniform ``grad_scale`` is a 1-element array
+    read with step 0, so one compiled kernel serves both cases without an N-sized
+    array of copies."""
+    if isinstance(grad_scale, float):
+        return _readonly(np.full(1, grad_scale, dtype=np.float64)), 0
+    return _readonly(np.ascontiguousarray(grad_scale, dtype=np.float64).reshape(rows)), 1
 
-    A uniform ``grad_scale`` is a 1-element array read with step 0, so one
-    compiled kernel serves both cases without an N-sized array of copies.
-    """
+
+def _gradient(first, grad_scale, inplace):
+    """``(grad, what the kernel takes as grad)``: ``(None, None)`` forward-only; in place
+    ``first`` itself and ``_rows.IN_PLACE``; else a new array and its kernel view."""
+    if grad_scale is None:
+        return None, None
+    if inplace:
+        return first, IN_PLACE
+    return _new_like(first)
+
+
+def _row_outputs(first, grad_scale, inplace=False):
+    """``(loss, grad, grad for the kernel, scale, step)`` of a row kernel; grad ``None`` forward-only."""
     rows = first.shape[0]
     loss = _loss_out(rows, first.dtype)
-    if grad_scale is None:
+    grad, target = _gradient(first, grad_scale, inplace)
+    if grad is None:
         return loss, None, None, None, 0
-    grad, view = _new_like(first)
-    if isinstance(grad_scale, float):
-        return loss, grad, view, _readonly(np.full(1, grad_scale, dtype=np.float64)), 0
-    return loss, grad, view, _readonly(np.ascontiguousarray(grad_scale, dtype=np.float64).reshape(rows)), 1
+    return (loss, grad, target) + _grad_scale_values(grad_scale, rows)
 
 
-def _elementwise_outputs(first, grad_scale, block):
-    """``(loss, grad, flat grad view, scale values, scale period)``; grad ``None`` forward-only."""
+def _elementwise_outputs(first, grad_scale, block, total, inplace):
+    """``(loss, totals, grad, flat grad for the kernel, scale values, scale period)``.
+
+    ``total``: no loss array, ``totals`` one partial sum per block (the kernel
+    sums); else ``totals`` None. grad ``None`` forward-only.
+    """
     acc = _acc(first.dtype)
-    loss = _loss_out(first.size, first.dtype)
-    if grad_scale is None:
-        return loss, None, None, _readonly(np.zeros(1, dtype=acc)), 1
-    grad, view = _new_like(first)
+    if total:
+        loss, totals = None, np.empty(-(-first.size // block), dtype=acc)
+    else:
+        loss, totals = _loss_out(first.size, first.dtype), None
+    grad, target = _gradient(first, grad_scale, inplace)
+    if grad is None:
+        return loss, totals, None, None, _readonly(np.zeros(1, dtype=acc)), 1
     scale, period = _window_values(grad_scale, first.size, block, acc)
-    return loss, grad, _flat(view), scale, period
+    return loss, totals, grad, (target if inplace else _flat(target)), scale, period
 
 
-def _keeps_exp(logits, softcap):
-    """Whether the fused softmax kernels keep ``exp(x - m)`` in the gradient row between passes:
-    only for float32/float64 gradients (a 16-bit row would round the intermediate) and
-    without softcap (whose slope needs the scores again)."""
-    return softcap is None and logits.dtype.itemsize >= 4
+def _finish(loss, grad, total):
+    """A contract function's return value: the unreduced loss, or with ``total`` its sum
+    (a float64 0-d array; ``loss`` may already be per-block partial sums)."""
+    if total:
+        return np.asarray(loss.sum(dtype=np.float64)), grad
+    return loss, grad
+
+
+def _rows_per_task(rows, count):
+    """Rows per ``prange`` task of the fused row kernels: about ``NUMBA_TASK_CLASSES``
+    scores each (a task allocates one scratch row), and at least a few tasks per thread."""
+    per_thread = -(-rows // (4 * numba.get_num_threads()))
+    return max(1, min(per_thread, _config.NUMBA_TASK_CLASSES // max(count, 1)))
 
 
 # ----------------------------------------------------------------------------
@@ -167,32 +199,32 @@ def _keeps_exp(logits, softcap):
 # ----------------------------------------------------------------------------
 
 def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, label_smoothing, z_loss,
-                                 softcap, grad_scale):
+                                 softcap, grad_scale, *, total=False, inplace=False):
     acc = _acc(logits.dtype)
     count = logits.shape[1]
-    loss, grad, grad_view, scale, step = _row_outputs(logits, grad_scale)
+    loss, grad, target, scale, step = _row_outputs(logits, grad_scale, inplace)
     # Ones when unweighted: one compiled kernel for both (C reads per smoothed row);
     # in the accumulation type, as a float64 -> float32 conversion in the
     # gradient loop halves its speed.
     weights = np.ones(count, dtype=acc) if class_weight is None else class_weight.astype(acc)
-    if grad is None and softcap is None and label_smoothing == 0 and count < _config.NUMBA_SHORT_ROW:
-        _softmax.sparse_short_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index),
-                                     weights, acc(z_loss), loss, acc)
-        return loss, None
-    _softmax.sparse_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index), weights,
-                           acc(weights.sum()), acc(label_smoothing), acc(z_loss),
-                           None if softcap is None else acc(softcap), scale, step,
-                           _keeps_exp(logits, softcap), loss, grad_view, acc)
-    return loss, grad
+    ids, ignore = _class_ids(labels), _ignore_value(ignore_index)
+    if softcap is None and label_smoothing == 0 and count < _config.NUMBA_SHORT_ROW:
+        _softmax.sparse_short_kernel(_kernel_view(logits), ids, ignore, weights, acc(z_loss), scale, step, loss,
+                                     target, acc)
+        return _finish(loss, grad, total)
+    _softmax.sparse_kernel(_kernel_view(logits), ids, ignore, weights, acc(weights.sum()), acc(label_smoothing),
+                           acc(z_loss), None if softcap is None else acc(softcap), scale, step, softcap is None,
+                           _rows_per_task(*logits.shape), loss, target, acc)
+    return _finish(loss, grad, total)
 
 
-def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale):
+def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, *, total=False, inplace=False):
     acc = _acc(logits.dtype)
-    loss, grad, grad_view, scale, step = _row_outputs(logits, grad_scale)
+    loss, grad, target, scale, step = _row_outputs(logits, grad_scale, inplace)
     _softmax.soft_kernel(_kernel_view(logits), _label_view(labels, acc), acc(label_smoothing),
-                         None if softcap is None else acc(softcap), scale, step, _keeps_exp(logits, softcap),
-                         loss, grad_view, acc)
-    return loss, grad
+                         None if softcap is None else acc(softcap), scale, step, softcap is None,
+                         _rows_per_task(*logits.shape), loss, target, acc)
+    return _finish(loss, grad, total)
 
 
 def logsumexp(x):
@@ -217,15 +249,15 @@ def softmax(x):
 # Sigmoid and probability families
 # ----------------------------------------------------------------------------
 
-def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale):
+def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scale, *, total=False, inplace=False):
     acc = _acc(logits.dtype)
     block = _block(logits.size)
     weights, period = _window_values(1.0 if pos_weight is None else pos_weight, logits.size, block, acc)
-    loss, grad, grad_view, scale, scale_period = _elementwise_outputs(logits, grad_scale, block)
+    loss, totals, grad, target, scale, scale_period = _elementwise_outputs(logits, grad_scale, block, total, inplace)
     _elementwise.sigmoid_kernel(_flat(_kernel_view(logits)), _flat(_label_view(labels, acc)), weights, period,
                                 acc(1.0 - label_smoothing), acc(label_smoothing / 2.0), scale, scale_period,
-                                block, loss, grad_view, acc)
-    return loss.reshape(logits.shape), grad
+                                block, loss, totals, target, acc)
+    return _finish(totals, grad, True) if total else (loss.reshape(logits.shape), grad)
 
 
 def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
@@ -238,33 +270,33 @@ def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
     return out
 
 
-def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale):
+def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *, total=False, inplace=False):
     acc = _acc(probs.dtype)
     block = _block(probs.size)
     lo, hi = _clip_bounds(epsilon, probs.dtype, acc)
-    loss, grad, grad_view, scale, scale_period = _elementwise_outputs(probs, grad_scale, block)
+    loss, totals, grad, target, scale, scale_period = _elementwise_outputs(probs, grad_scale, block, total, inplace)
     _probs.binary_kernel(_flat(_kernel_view(probs)), _flat(_label_view(labels, acc)), lo, hi,
                          acc(1.0 - label_smoothing), acc(label_smoothing / 2.0), scale, scale_period, block,
-                         loss, grad_view, acc)
-    return loss.reshape(probs.shape), grad
+                         loss, totals, target, acc)
+    return _finish(totals, grad, True) if total else (loss.reshape(probs.shape), grad)
 
 
-def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale):
+def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *, total=False):
     acc = _acc(probs.dtype)
     lo, hi = _clip_bounds(epsilon, probs.dtype, acc)
-    loss, grad, grad_view, scale, step = _row_outputs(probs, grad_scale)
+    loss, grad, target, scale, step = _row_outputs(probs, grad_scale)
     _probs.categorical_kernel(_kernel_view(probs), _label_view(labels, acc), lo, hi, acc(1.0 - label_smoothing),
-                              acc(label_smoothing / probs.shape[1]), scale, step, loss, grad_view, acc)
-    return loss, grad
+                              acc(label_smoothing / probs.shape[1]), scale, step, loss, target, acc)
+    return _finish(loss, grad, total)
 
 
-def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale):
+def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_scale, *, total=False):
     acc = _acc(probs.dtype)
     lo, hi = _clip_bounds(epsilon, probs.dtype, acc)
-    loss, grad, grad_view, scale, step = _row_outputs(probs, grad_scale)
+    loss, grad, target, scale, step = _row_outputs(probs, grad_scale)
     _probs.sparse_categorical_kernel(_kernel_view(probs), _class_ids(labels), _ignore_value(ignore_index), lo, hi,
-                                     scale, step, loss, grad_view, acc)
-    return loss, grad
+                                     scale, step, loss, target, acc)
+    return _finish(loss, grad, total)
 
 
 # ----------------------------------------------------------------------------
@@ -286,3 +318,43 @@ def score(logits, labels, ignore_index):
     _moments.score_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index), loss, lse, target,
                           entropy, argmax, correct, _acc(logits.dtype))
     return Score(loss, lse, target, entropy, argmax, correct)
+
+
+# ----------------------------------------------------------------------------
+# A block of classes of a split row
+# ----------------------------------------------------------------------------
+
+def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap, moments):
+    acc = _acc(logits.dtype)
+    rows = logits.shape[0]
+    peak, total, target = (_loss_out(rows, logits.dtype) for _ in range(3))
+    anchor = np.zeros(rows, dtype=acc)
+    gap = np.zeros(rows, dtype=acc)
+    spread = _loss_out(rows, logits.dtype) if moments else None
+    best = np.empty(rows, dtype=np.int64) if moments else None
+    best_value = _loss_out(rows, logits.dtype) if moments else None
+    # No labels: class ids of -1, in no block (one compiled kernel for both cases).
+    ids = np.full(rows, -1, dtype=np.int64) if labels is None else _class_ids(labels)
+    _partials.partials_kernel(_kernel_view(logits), ids,
+                              _ignore_value(ignore_index), np.int64(offset),
+                              None if class_weight is None else _readonly(class_weight.astype(acc)),
+                              None if softcap is None else acc(softcap), peak, total, target, anchor, gap, spread,
+                              best, best_value, acc)
+    return Partials(peak, total, target, anchor, gap, spread, best, best_value)
+
+
+def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softcap, shift, log_sum, p_coef,
+                       target_coef, weight_coef):
+    acc = _acc(logits.dtype)
+    grad, view = _new_like(logits)
+
+    def rows(values):
+        return _readonly(np.ascontiguousarray(values, dtype=np.float64))
+
+    # An unused weight_coef is an empty float64 array: one compiled signature for both cases.
+    _partials.block_grad_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index),
+                                np.int64(offset), None if class_weight is None else _readonly(class_weight.astype(acc)),
+                                None if softcap is None else acc(softcap), rows(shift), rows(log_sum), rows(p_coef),
+                                rows(target_coef), rows(np.zeros(0) if weight_coef is None else weight_coef), view,
+                                acc)
+    return grad

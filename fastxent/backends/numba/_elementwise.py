@@ -20,7 +20,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from . import _math as nm
-from ._rows import inline, kernel, smoothed, window
+from ._rows import gradient_target, inline, kernel, smoothed, window
 
 # log1p(e) = e + e^2 Q(e) on [0, 1], Q of degree 8: weighted least squares
 # towards minimax on Chebyshev nodes (fit error 6e-9 relative, 0.1 ulp); in
@@ -93,33 +93,50 @@ def _sigmoid_grad(z, q, s_pos, s_neg, acc):
 
 @kernel
 def sigmoid_kernel(logits, labels, pos_weight, weight_period, keep, share, scale, scale_period, block,
-                   loss, grad, acc):
+                   loss, totals, grad, acc):
     """Sigmoid cross-entropy over flat elements; the gradient too when ``grad`` is not None.
 
     ``z' = keep z + share`` (label smoothing), ``w = 1 + (q-1) z'``:
     ``loss = (1-z') x + w softplus(-x)``, ``grad = g ((1-z') s(x) - q z' s(-x))``.
+    ``loss`` None: ``totals[b]`` gets the loss summed over block ``b`` (a reduced
+    loss without the ``(R, K)`` buffer); else the loss of every element goes to
+    ``loss`` and ``totals`` is None. ``grad`` :data:`IN_PLACE` writes over ``logits``.
     """
     size = logits.shape[0]
+    dest = gradient_target(logits, grad)
     for b in prange((size + block - 1) // block):
         lo = b * block
         hi = min(lo + block, size)
         x = logits[lo:hi]
         z = labels[lo:hi]
         q = window(pos_weight, weight_period, lo, hi)
-        out = loss[lo:hi]
+        if loss is not None:
+            out = loss[lo:hi]
+        subtotal = acc(0.0)
         if grad is None:
             for j in range(hi - lo):
                 value = nm.load(x[j])
-                out[j] = _sigmoid_loss(value, smoothed(z[j], keep, share, acc), q[j], nm.exp_approx(-abs(value)), acc)
+                element = _sigmoid_loss(value, smoothed(z[j], keep, share, acc), q[j], nm.exp_approx(-abs(value)),
+                                        acc)
+                if loss is not None:
+                    out[j] = element
+                else:
+                    subtotal += element
         else:
             g = window(scale, scale_period, lo, hi)
-            dx = grad[lo:hi]
+            dx = dest[lo:hi]
             for j in range(hi - lo):
                 value = nm.load(x[j])
                 target = smoothed(z[j], keep, share, acc)
                 e, s_pos, s_neg = _sigmoid_pair(value, acc)
-                out[j] = _sigmoid_loss(value, target, q[j], e, acc)
-                dx[j] = nm.store(g[j] * _sigmoid_grad(target, q[j], s_pos, s_neg, acc), grad)
+                element = _sigmoid_loss(value, target, q[j], e, acc)
+                if loss is not None:
+                    out[j] = element
+                else:
+                    subtotal += element
+                dx[j] = nm.store(g[j] * _sigmoid_grad(target, q[j], s_pos, s_neg, acc), dest)
+        if totals is not None:
+            totals[b] = subtotal
 
 
 @kernel

@@ -37,7 +37,7 @@ the test suite): they are the exhaustive maxima.
 Public names
 ------------
 Bit casts (jitted code only, LLVM ``bitcast``): ``f32_as_i32``, ``i32_as_f32``,
-``f64_as_i64``, ``i64_as_f64``.
+``f64_as_i64``, ``i64_as_f64``; ``opaque_index`` (a value LLVM cannot analyse).
 Math (float32 -> float32 math, float64 -> float64 math): ``exp_approx``,
 ``log_approx``, ``log1p_approx``, ``tanh_approx``.
 16-bit storage: ``f16_to_f32``, ``f32_to_f16``, ``bf16_to_f32``, ``f32_to_bf16``.
@@ -67,7 +67,7 @@ from numba.extending import intrinsic, overload
 
 __all__ = [
     "KERNEL_FASTMATH",
-    "f32_as_i32", "i32_as_f32", "f64_as_i64", "i64_as_f64",
+    "f32_as_i32", "i32_as_f32", "f64_as_i64", "i64_as_f64", "opaque_index",
     "exp_approx", "log_approx", "log1p_approx", "tanh_approx",
     "f16_to_f32", "f32_to_f16", "bf16_to_f32", "f32_to_bf16",
     "load", "store", "acc_type_zero", "acc_cast", "order_key", "from_order_key",
@@ -188,6 +188,28 @@ def _int32_to_float(typingctx, value, like):
         return builder.sitofp(narrow, context.get_value_type(signature.return_type))
 
     return like(types.int64, like), codegen
+
+
+@intrinsic
+def opaque_index(typingctx, value):
+    """The integer ``value``, unchanged, passed through an empty inline-assembly
+    statement LLVM cannot see into (jitted code only).
+
+    A loop whose addresses depend on it is left scalar: LLVM does not vectorise
+    a loop with inline assembly, and cannot prove the access pattern of one
+    either. For the transposing copies of the short-row kernels, which LLVM
+    would otherwise vectorise for AVX-512 with a scatter or a gather per vector
+    (one element at a time, and slower than the scalar copy).
+    """
+    if not isinstance(value, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        wide = context.cast(builder, args[0], signature.args[0], types.int64)
+        return builder.asm(ir.FunctionType(i64, [i64]), "", "=r,0", [wide], False)
+
+    return types.int64(value), codegen
 
 
 def _scale_by_power_of_two(builder, value, n32, bias, mantissa_bits, int_type):

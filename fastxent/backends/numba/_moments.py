@@ -53,8 +53,8 @@ def row_moments(row, vector, acc):
     best_key = _argmax_key(acc(-np.inf))
     best_start = 0
     for start in range(0, count, CHUNK):
-        stop = min(start + CHUNK, count)
-        shift = chunk_max(row, start, stop, acc)
+        chunk = row[start:start + CHUNK]
+        shift = chunk_max(chunk, acc)
         if vector is None:
             key = _argmax_key(shift)
             if key > best_key:
@@ -64,14 +64,16 @@ def row_moments(row, vector, acc):
             continue  # all -inf (masked) chunk: no mass
         chunk_total = acc(0.0)
         chunk_weighted = acc(0.0)
-        for j in range(start, stop):
-            shifted = nm.load(row[j]) - shift
+        if vector is not None:
+            terms = vector[start:start + CHUNK]
+        for j in range(chunk.shape[0]):
+            shifted = nm.load(chunk[j]) - shift
             e = nm.exp_approx(shifted)
             chunk_total += e
             if vector is None:
                 chunk_weighted += xlogy_term(e, shifted)
             else:
-                chunk_weighted += e * acc(nm.load(vector[j]))
+                chunk_weighted += e * acc(nm.load(terms[j]))
         if total == 0:
             peak, total, weighted = shift, chunk_total, chunk_weighted
             continue
@@ -89,9 +91,10 @@ def row_moments(row, vector, acc):
     best = 0
     if vector is None:
         best = best_start
-        for j in range(best_start, min(best_start + CHUNK, count)):
-            if _argmax_key(nm.load(row[j])) == best_key:
-                best = j
+        chunk = row[best_start:best_start + CHUNK]
+        for j in range(chunk.shape[0]):
+            if _argmax_key(nm.load(chunk[j])) == best_key:
+                best = best_start + j
                 break
     return peak, total, weighted, best
 

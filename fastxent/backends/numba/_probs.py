@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange
 
 from . import _math as nm
-from ._rows import inline, kernel, smoothed, window, xlogy_term, zero_row
+from ._rows import gradient_target, inline, kernel, smoothed, window, xlogy_term, zero_row
 
 
 @inline
@@ -29,37 +29,56 @@ def _passes(q, lo, hi):
 @inline
 def _neg_log_slope(weight, q, clipped, lo, hi, acc):
     """``d/dq -weight * log(clip(q))``: ``-weight / clip(q)`` where the clip passes
-    it, else 0; 0 where ``weight == 0`` (the xlogy convention)."""
-    slope = -xlogy_term(weight, acc(1.0) / clipped)
-    return slope if _passes(q, lo, hi) else acc(0.0)
+    it, else 0; 0 where ``weight == 0`` (the xlogy convention: a 16-bit upper bound
+    ``1 - epsilon`` rounds to 1, so ``1 - clip(q)`` can be 0).
+
+    One select on both conditions after an unconditional division: the xlogy
+    helper's select around the division kept LLVM from vectorising the
+    categorical gradient loop (the division sank into a branch).
+    """
+    slope = -weight / clipped
+    keep = _passes(q, lo, hi) & (weight != 0)
+    return slope if keep else acc(0.0)
 
 
 @kernel
-def binary_kernel(probs, labels, lo_clip, hi_clip, keep, share, scale, scale_period, block, loss, grad, acc):
+def binary_kernel(probs, labels, lo_clip, hi_clip, keep, share, scale, scale_period, block, loss, totals, grad,
+                  acc):
     """Keras binary cross-entropy over flat elements; the gradient too when ``grad`` is not None.
 
     ``p' = clip(p)``, ``z' = keep z + share``: ``loss = -(z' log p' + (1-z') log(1-p'))``
     (xlogy terms), ``grad = g (-z'/p' + (1-z')/(1-p'))`` where the clip passes, else 0.
+    ``totals`` and ``grad`` :data:`IN_PLACE` as in the sigmoid kernel.
     """
     size = probs.shape[0]
+    dest = gradient_target(probs, grad)
     for b in prange((size + block - 1) // block):
         lo = b * block
         hi = min(lo + block, size)
         p = probs[lo:hi]
         z = labels[lo:hi]
-        out = loss[lo:hi]
+        if loss is not None:
+            out = loss[lo:hi]
+        if grad is not None:
+            dx = dest[lo:hi]
         g = window(scale, scale_period, lo, hi)
+        subtotal = acc(0.0)
         for j in range(hi - lo):
             value = nm.load(p[j])
             target = smoothed(z[j], keep, share, acc)
             rest = acc(1.0) - target
             clipped = _clip(value, lo_clip, hi_clip)
-            out[j] = -(xlogy_term(target, nm.log_approx(clipped))
-                       + xlogy_term(rest, nm.log1p_approx(-clipped)))
+            element = -(xlogy_term(target, nm.log_approx(clipped)) + xlogy_term(rest, nm.log1p_approx(-clipped)))
+            if loss is not None:
+                out[j] = element
+            else:
+                subtotal += element
             if grad is not None:
                 slope = (_neg_log_slope(target, value, clipped, lo_clip, hi_clip, acc)
                          - _neg_log_slope(rest, value, acc(1.0) - clipped, lo_clip, hi_clip, acc))
-                grad[lo + j] = nm.store(g[j] * slope, grad)
+                dx[j] = nm.store(g[j] * slope, dest)
+        if totals is not None:
+            totals[b] = subtotal
 
 
 @kernel

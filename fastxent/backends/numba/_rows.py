@@ -9,7 +9,8 @@ their measurements, are in ``docs/design.md`` ("The Numba backend").
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from ... import _config
 from . import _math as nm
@@ -21,8 +22,10 @@ FASTMATH = nm.KERNEL_FASTMATH
 
 #: Every kernel: parallel over rows (or blocks of elements), cached on disk,
 #: ``error_model="numpy"`` (a division by zero gives IEEE inf/NaN, as the
-#: reference does, and adds no zero-check branch to a vector loop).
-kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True)
+#: reference does, and adds no zero-check branch to a vector loop), and
+#: ``nogil``: a kernel releases the GIL, so Python threads (Dask's threaded
+#: scheduler, ``fastxent.dask``) run kernels on different blocks at once.
+kernel = njit(parallel=True, fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 
 #: Every helper: inlined into the calling kernel by Numba, same flags.
 inline = njit(inline="always", fastmath=FASTMATH, error_model="numpy")
@@ -86,17 +89,18 @@ def xlogy_term(weight, value):
 
 
 @inline
-def chunk_max(row, start, stop, acc):
-    """Largest ``row[start:stop]`` via integer keys (vectorises; NaN-positive rows give NaN).
+def chunk_max(chunk, acc):
+    """Largest element of the 1-D contiguous ``chunk`` via integer keys (vectorises;
+    NaN-positive chunks give NaN).
 
     LLVM does not vectorise a float max reduction without ``nnan`` (10.5 us for
     32000 floats, scalar ``vmaxss``); the float's bits mapped to a monotonic
     integer key reduce with ``vpmaxsd`` in 2.2 us, the speed of a vectorised sum.
-    A positive NaN maps above +inf, so a NaN row gets a NaN max.
+    A positive NaN maps above +inf, so a NaN chunk gets a NaN max.
     """
     key = nm.order_key(acc(-np.inf))
-    for j in range(start, stop):
-        candidate = nm.order_key(nm.load(row[j]))
+    for j in range(chunk.shape[0]):
+        candidate = nm.order_key(nm.load(chunk[j]))
         key = candidate if candidate > key else key
     return nm.from_order_key(key)
 
@@ -123,17 +127,16 @@ def row_lse(row, softcap, acc):
     ``(t - shift) - log_sum`` is exact where ``t - lse`` is not (at |x| = 1e4
     float32 rounds lse to 1e-3, a 3e-4 relative error on log 2).
     """
-    count = row.shape[0]
     running_max = acc(-np.inf)
     running_sum = acc(0.0)
-    for start in range(0, count, CHUNK):
-        stop = min(start + CHUNK, count)
-        shift = capped(chunk_max(row, start, stop, acc), softcap)
+    for start in range(0, row.shape[0], CHUNK):
+        chunk = row[start:start + CHUNK]
+        shift = capped(chunk_max(chunk, acc), softcap)
         if shift == -np.inf:
             shift = acc(0.0)  # all -inf (masked) chunk: exp(-inf - 0) = 0, NaN still propagates
         chunk_sum = acc(0.0)
-        for j in range(start, stop):
-            chunk_sum += nm.exp_approx(capped(nm.load(row[j]), softcap) - shift)
+        for j in range(chunk.shape[0]):
+            chunk_sum += nm.exp_approx(capped(nm.load(chunk[j]), softcap) - shift)
         if chunk_sum != 0:
             running_max, old, new = rebase(running_max, shift)
             running_sum = running_sum * old + chunk_sum * new
@@ -146,13 +149,13 @@ def row_lse(row, softcap, acc):
 def row_exp_into(row, out_row, acc):
     """``out_row = exp(x - m)`` (m = row max) and the row's lse: the fused kernels' first half.
 
-    Keeping the exponentials in the (float32/float64) gradient row lets the
-    gradient pass be a multiply-subtract instead of a second exp per element
+    Keeping the exponentials (in a scratch row of the accumulation type) lets
+    the gradient pass be a multiply-subtract instead of a second exp per element
     (measured: fused pass 1.6x faster at 4096 x 32000). Returns
     ``(shift, log_sum, 1 / sum)`` (see :func:`row_lse`); NaN for the rows
     ``row_lse`` makes NaN.
     """
-    peak = chunk_max(row, 0, row.shape[0], acc)
+    peak = chunk_max(row, acc)
     shift = peak if peak != -np.inf else acc(0.0)
     total = acc(0.0)
     for j in range(row.shape[0]):
@@ -180,5 +183,27 @@ def window(values, period, lo, hi):
 @inline
 def zero_row(grad, i, acc):
     """Row ``i`` of a gradient set to zeros (an ignored row's gradient)."""
-    for j in range(grad.shape[1]):
-        grad[i, j] = nm.store(acc(0.0), grad)
+    row = grad[i]
+    for j in range(row.shape[0]):
+        row[j] = nm.store(acc(0.0), grad)
+
+
+#: The ``grad`` argument of a fused kernel that writes the gradient over the
+#: scores (``inplace=True``). A bool, not an array: the kernel compiles a variant
+#: of its own in which the scores and the gradient are one array, so LLVM sees one
+#: pointer and vectorises ``out[j] = f(x[j])`` without a runtime alias check (two
+#: arrays over the same memory would fail that check and take the scalar loop).
+IN_PLACE = True
+
+
+def gradient_target(scores, grad):
+    """The array a fused kernel writes its gradient to: ``grad``, or ``scores``
+    itself when ``grad`` is :data:`IN_PLACE` (resolved at compile time)."""
+    raise NotImplementedError("jitted code only")
+
+
+@overload(gradient_target, inline="always")
+def _gradient_target_typer(scores, grad):
+    if isinstance(grad, types.Boolean):
+        return lambda scores, grad: scores
+    return lambda scores, grad: grad

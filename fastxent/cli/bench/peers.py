@@ -1,10 +1,9 @@
-"""The table of comparisons shared by the benchmarks (``bench/``), the
-``fastxent bench`` command and the tests that check the peers agree.
+"""What ``fastxent bench`` (and the scripts in ``bench/``) compares: for each op
+of :data:`.cases.OPS`, the fastxent call, the yardstick and the peers.
 
-Each *op* names what is measured; for each op there is the fastxent call and
-the peers that compute the same thing (PyTorch, JAX/optax, TensorFlow, plain
-numpy on the host; PyTorch eager and compiled on a CUDA device), each imported
-lazily and skipped when not installed. Every entry is a *factory*:
+The peers compute the same thing as fastxent: PyTorch, JAX/optax, TensorFlow,
+plain numpy on the host; PyTorch eager and compiled on a CUDA device, each
+imported lazily and skipped when not installed. Every entry is a *factory*:
 ``make(logits, labels) -> callable()``, so that conversions (numpy to torch
 tensors, jit warm-up) happen outside the timed call, and the callable returns
 something comparable to the fastxent result (loss per row, ``(loss, grad)``
@@ -14,81 +13,15 @@ numpy arrays; device peers return device tensors (copy them to the host with
 
 The yardstick of every op is ``read``: one pass reading the logits
 (``x.max()``), the floor of any kernel that must read them.
-:func:`bytes_moved` says how many bytes an op must move at least, for GB/s,
-and :data:`TOLERANCE` how close to the float64 reference a result must be to
-"agree".
 """
+
+from functools import partial
 
 import numpy as np
 
-from . import losses
+import fastxent as fx
 
-#: op -> (description, needs labels kind: "ids" | "binary")
-OPS = {
-    "sparse_fwd": ("sparse softmax cross-entropy, forward", "ids"),
-    "sparse_fwd_bwd": ("sparse softmax cross-entropy, fused forward+backward", "ids"),
-    "sigmoid_fwd": ("sigmoid cross-entropy, forward", "binary"),
-    "sigmoid_fwd_bwd": ("sigmoid cross-entropy, forward+backward", "binary"),
-    "score": ("score bundle (loss, lse, target_logprob, entropy, argmax, correct)", "ids"),
-}
-
-#: The fields of the ``score`` op, in the order of ``fastxent.Score``.
-SCORE_FIELDS = ("loss", "lse", "target_logprob", "entropy", "argmax", "correct")
-
-#: Agreement with the float64 reference, ``(rtol, atol)`` keyed by the dtype of
-#: the result compared: "value" for losses and anything accumulated, "stored"
-#: for arrays stored in the scores' dtype (gradients, compared after scaling
-#: back to one row's gradient so that atol means something for any N). A peer
-#: returning a bfloat16 loss (torch on bfloat16 scores) is held to bfloat16's
-#: precision; fastxent's loss is float32 for 16-bit scores and held to float32's.
-#: 16-bit "stored" allows four units in the last place: torch's bfloat16
-#: gradient is computed with bfloat16 intermediates and lands up to 1.8% off
-#: the exact value at 256x1000 here. This is a sanity check beside a timing;
-#: fastxent's own tests (tests/support.py) hold its kernels to two units.
-TOLERANCE = {
-    "float64": {"value": (1e-9, 1e-9), "stored": (1e-9, 1e-12)},
-    "float32": {"value": (5e-5, 5e-5), "stored": (1e-4, 2e-6)},
-    "float16": {"value": (2e-3, 2e-3), "stored": (4e-3, 2e-6)},
-    "bfloat16": {"value": (1.6e-2, 1.6e-2), "stored": (3.2e-2, 2e-6)},
-}
-
-
-def tolerance(dtype, kind="value"):
-    """``(rtol, atol)`` for a result of ``dtype`` (anything else: float32's)."""
-    name = np.dtype(dtype).name
-    return TOLERANCE.get(name, TOLERANCE["float32"])[kind]
-
-
-def make_labels(op, shape, seed=0):
-    """Labels suited to ``op`` for logits of ``shape`` (class ids or 0/1 targets)."""
-    rng = np.random.default_rng(seed)
-    if OPS[op][1] == "ids":
-        return rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int64)
-    return (rng.random(shape) < 0.5).astype(np.float32)
-
-
-def bytes_moved(op, logits, labels):
-    """Bytes ``op`` must move at least: logits and labels read, loss and gradient written.
-
-    The unreduced loss is one value per row (softmax family, float32 for
-    16-bit scores) or per element (sigmoid); the gradient has the logits'
-    size. This is the numerator of every GB/s figure, the same for fastxent
-    and its peers.
-    """
-    itemsize = np.dtype(logits.dtype).itemsize
-    loss_itemsize = 4 if itemsize == 2 else itemsize
-    rows = logits.size // logits.shape[-1] if logits.ndim else 1
-    total = logits.nbytes + labels.nbytes
-    if op.endswith("_fwd_bwd"):
-        total += logits.nbytes
-    elif op.startswith("sigmoid"):
-        total += logits.size * loss_itemsize
-    elif op == "score":
-        total += rows * (4 * loss_itemsize + 8 + 1)
-    else:
-        total += rows * loss_itemsize
-    return int(total)
-
+from .cases import as_float32
 
 # ----------------------------------------------------------------------------
 # fastxent itself
@@ -97,17 +30,17 @@ def bytes_moved(op, logits, labels):
 def fastxent_call(op, logits, labels, backend=None):
     """The fastxent call measured for ``op``."""
     if op == "sparse_fwd":
-        return lambda: losses.sparse_softmax_cross_entropy(logits, labels, backend=backend)
+        return lambda: fx.sparse_softmax_cross_entropy(logits, labels, backend=backend)
     if op == "sparse_fwd_bwd":
-        return lambda: losses.sparse_softmax_cross_entropy(logits, labels, reduction="mean",
+        return lambda: fx.sparse_softmax_cross_entropy(logits, labels, reduction="mean",
                                                            return_grad=True, backend=backend)
     if op == "sigmoid_fwd":
-        return lambda: losses.sigmoid_cross_entropy(logits, labels, backend=backend)
+        return lambda: fx.sigmoid_cross_entropy(logits, labels, backend=backend)
     if op == "sigmoid_fwd_bwd":
-        return lambda: losses.sigmoid_cross_entropy(logits, labels, reduction="mean",
+        return lambda: fx.sigmoid_cross_entropy(logits, labels, reduction="mean",
                                                     return_grad=True, backend=backend)
     if op == "score":
-        return lambda: losses.score(logits, labels, backend=backend)
+        return lambda: fx.score(logits, labels, backend=backend)
     raise KeyError(op)
 
 
@@ -130,27 +63,13 @@ def read_yardstick(logits):
 
 
 # ----------------------------------------------------------------------------
-# Host peers
+# Host peers (numpy widens 16-bit scores to float32 first, as a numpy user would)
 # ----------------------------------------------------------------------------
-
-def _as_float32(x):
-    """16-bit scores as float32, as a numpy user would compute on them.
-
-    bfloat16 is widened through its bits (``uint16 << 16``), 10x faster than
-    ml_dtypes' ``astype`` (0.2 s against 2.2 s for 4096x32000 here); the values
-    are exactly the same.
-    """
-    if x.dtype.name == "bfloat16":
-        return (x.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    if x.dtype.itemsize == 2:
-        return x.astype(np.float32)
-    return x
-
 
 def _numpy_sparse(logits, labels, with_grad):
     """What a careful numpy user writes: max-shifted two-pass log-softmax in float32."""
     def run():
-        x = _as_float32(logits)
+        x = as_float32(logits)
         shifted = x - x.max(axis=-1, keepdims=True)
         exp = np.exp(shifted)
         total = exp.sum(axis=-1, keepdims=True)
@@ -168,7 +87,7 @@ def _numpy_sparse(logits, labels, with_grad):
 def _numpy_score(logits, labels):
     """The numpy composition computing the score fields (several passes)."""
     def run():
-        x = _as_float32(logits)
+        x = as_float32(logits)
         peak = x.max(axis=-1, keepdims=True)
         shifted = x - peak
         exp = np.exp(shifted)
@@ -186,7 +105,7 @@ def _numpy_score(logits, labels):
 def _numpy_sigmoid(logits, labels, with_grad):
     @np.errstate(over="ignore")  # exp(-x) -> inf for x < -88 gives the right 0 in 1 / (1 + inf)
     def run():
-        x = _as_float32(logits)
+        x = as_float32(logits)
         loss = np.maximum(x, 0) - x * labels + np.log1p(np.exp(-np.abs(x)))
         if not with_grad:
             return loss
@@ -222,15 +141,22 @@ def _torch_out(tensor, host):
     return tensor.numpy()
 
 
-def _torch_sparse(logits, labels, with_grad, compiled=False):
+def _torch_loss(loss, logits, labels, with_grad, compiled=False, float_targets=False):
+    """``loss`` (a ``torch.nn.functional`` loss): per element, or mean with its gradient.
+
+    ``float_targets``: the labels are cast to the logits' dtype, as torch's
+    ``binary_cross_entropy_with_logits`` wants. The fused pass makes a fresh
+    leaf each call, so no gradient accumulates across calls.
+    """
     import torch
-    import torch.nn.functional as F
 
     host = isinstance(logits, np.ndarray)
     x = _torch_tensor(logits)
     y = _torch_tensor(labels)
+    if float_targets:
+        y = y.to(x.dtype)
     if not with_grad:
-        fn = torch.compile(F.cross_entropy) if compiled else F.cross_entropy
+        fn = torch.compile(loss) if compiled else loss
 
         def forward():
             with torch.no_grad():
@@ -238,43 +164,28 @@ def _torch_sparse(logits, labels, with_grad, compiled=False):
         return forward
 
     def mean_loss(xx, yy):
-        return F.cross_entropy(xx, yy, reduction="mean")
+        return loss(xx, yy, reduction="mean")
     fn = torch.compile(mean_loss) if compiled else mean_loss
 
     def forward_backward():
         leaf = x.detach().requires_grad_(True)
-        loss = fn(leaf, y)
-        loss.backward()
-        return _torch_out(loss, host), _torch_out(leaf.grad, host)
+        value = fn(leaf, y)
+        value.backward()
+        return _torch_out(value, host), _torch_out(leaf.grad, host)
     return forward_backward
+
+
+def _torch_sparse(logits, labels, with_grad, compiled=False):
+    import torch.nn.functional as F
+
+    return _torch_loss(F.cross_entropy, logits, labels, with_grad, compiled)
 
 
 def _torch_sigmoid(logits, labels, with_grad, compiled=False):
-    import torch
     import torch.nn.functional as F
 
-    host = isinstance(logits, np.ndarray)
-    x = _torch_tensor(logits)
-    z = _torch_tensor(labels).to(x.dtype)  # torch wants targets of the logits' dtype
-    bce = F.binary_cross_entropy_with_logits
-    if not with_grad:
-        fn = torch.compile(bce) if compiled else bce
-
-        def forward():
-            with torch.no_grad():
-                return _torch_out(fn(x, z, reduction="none"), host)
-        return forward
-
-    def mean_loss(xx, zz):
-        return bce(xx, zz, reduction="mean")
-    fn = torch.compile(mean_loss) if compiled else mean_loss
-
-    def forward_backward():
-        leaf = x.detach().requires_grad_(True)
-        loss = fn(leaf, z)
-        loss.backward()
-        return _torch_out(loss, host), _torch_out(leaf.grad, host)
-    return forward_backward
+    return _torch_loss(F.binary_cross_entropy_with_logits, logits, labels, with_grad, compiled,
+                       float_targets=True)
 
 
 def _torch_score(logits, labels, compiled=False):
@@ -339,32 +250,19 @@ def _tf_sparse(logits, labels, with_grad):
     return run
 
 
-#: op -> {peer name: factory(logits, labels) -> callable}, host (numpy) arrays
+def _forward_and_fused(family, **factories):
+    """``{family_fwd: {peer: factory}, family_fwd_bwd: {...}}`` from ``factory(x, y, with_grad)``."""
+    return {f"{family}{suffix}": {name: partial(make, with_grad=with_grad) for name, make in factories.items()}
+            for suffix, with_grad in (("_fwd", False), ("_fwd_bwd", True))}
+
+
+#: op -> {peer name: factory(logits, labels) -> callable}, host (numpy) arrays,
+#: the peers in the order of the table's columns.
 PEERS = {
-    "sparse_fwd": {
-        "numpy": lambda x, y: _numpy_sparse(x, y, False),
-        "torch": lambda x, y: _torch_sparse(x, y, False),
-        "jax": lambda x, y: _jax_sparse(x, y, False),
-        "tensorflow": lambda x, y: _tf_sparse(x, y, False),
-    },
-    "sparse_fwd_bwd": {
-        "numpy": lambda x, y: _numpy_sparse(x, y, True),
-        "torch": lambda x, y: _torch_sparse(x, y, True),
-        "jax": lambda x, y: _jax_sparse(x, y, True),
-        "tensorflow": lambda x, y: _tf_sparse(x, y, True),
-    },
-    "sigmoid_fwd": {
-        "numpy": lambda x, y: _numpy_sigmoid(x, y, False),
-        "torch": lambda x, y: _torch_sigmoid(x, y, False),
-    },
-    "sigmoid_fwd_bwd": {
-        "numpy": lambda x, y: _numpy_sigmoid(x, y, True),
-        "torch": lambda x, y: _torch_sigmoid(x, y, True),
-    },
-    "score": {
-        "numpy": _numpy_score,
-        "torch": _torch_score,
-    },
+    **_forward_and_fused("sparse", numpy=_numpy_sparse, torch=_torch_sparse, jax=_jax_sparse,
+                         tensorflow=_tf_sparse),
+    **_forward_and_fused("sigmoid", numpy=_numpy_sigmoid, torch=_torch_sigmoid),
+    "score": {"numpy": _numpy_score, "torch": _torch_score},
 }
 
 _PEER_MODULES = {"torch": "torch", "jax": "optax", "tensorflow": "tensorflow", "numpy": "numpy"}
@@ -387,31 +285,11 @@ def peer_call(op, peer, logits, labels):
 # Device (CUDA) peers: factories take CuPy arrays, callables return torch CUDA tensors
 # ----------------------------------------------------------------------------
 
-#: op -> {peer name: factory(logits, labels) -> callable}, CUDA (CuPy) arrays.
-#: "torch-compile" is torch.compile of the same expression (inductor/Triton
-#: kernels); its compilation happens in the warm-up call, outside the timing.
-GPU_PEERS = {
-    "sparse_fwd": {
-        "torch-cuda": lambda x, y: _torch_sparse(x, y, False),
-        "torch-compile-cuda": lambda x, y: _torch_sparse(x, y, False, compiled=True),
-    },
-    "sparse_fwd_bwd": {
-        "torch-cuda": lambda x, y: _torch_sparse(x, y, True),
-        "torch-compile-cuda": lambda x, y: _torch_sparse(x, y, True, compiled=True),
-    },
-    "sigmoid_fwd": {
-        "torch-cuda": lambda x, y: _torch_sigmoid(x, y, False),
-        "torch-compile-cuda": lambda x, y: _torch_sigmoid(x, y, False, compiled=True),
-    },
-    "sigmoid_fwd_bwd": {
-        "torch-cuda": lambda x, y: _torch_sigmoid(x, y, True),
-        "torch-compile-cuda": lambda x, y: _torch_sigmoid(x, y, True, compiled=True),
-    },
-    "score": {
-        "torch-cuda": _torch_score,
-        "torch-compile-cuda": lambda x, y: _torch_score(x, y, compiled=True),
-    },
-}
+#: op -> {peer name: factory(logits, labels) -> callable}, CUDA (CuPy) arrays:
+#: torch's host peers, eager and under torch.compile (inductor/Triton
+#: kernels; its compilation happens in the warm-up call, outside the timing).
+GPU_PEERS = {op: {"torch-cuda": table["torch"], "torch-compile-cuda": partial(table["torch"], compiled=True)}
+             for op, table in PEERS.items()}
 
 
 def installed_gpu_peers(op):
