@@ -50,6 +50,23 @@ def round_to(value, dtype):
     return float(np.asarray(value, dtype=np.float64).astype(dtype))
 
 
+def kernel_smoothing(smoothing, count, dtype):
+    """The label smoothing a kernel accumulating in ``dtype``'s accumulation type is given
+    for rows of ``count`` classes: ``smoothing`` itself, unless ``smoothing / count`` is
+    positive but below that type's smallest positive number, where it would round to 0
+    and drop the smoothing: then ``count`` times that smallest number, so every class
+    keeps a positive share. A positive share on a ``-inf`` score is an infinite loss, as
+    in the float64 reference (4.4e-72 on float32 scores [0, -inf] gave 0, not inf).
+
+    >>> kernel_smoothing(1e-72, 2, np.float32) == 2 * float(np.finfo(np.float32).smallest_subnormal)
+    True
+    """
+    tiny = float(np.finfo(accumulation_dtype(dtype)).smallest_subnormal)
+    if 0.0 < smoothing and smoothing / count < tiny:
+        return count * tiny
+    return smoothing
+
+
 def clip_bounds(epsilon, dtype):
     """Keras's probability clip ``(epsilon, 1 - epsilon)``, each rounded to ``dtype``."""
     return round_to(epsilon, dtype), round_to(1.0 - epsilon, dtype)

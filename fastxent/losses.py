@@ -275,8 +275,9 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None, 
     denominator = 1.0
     if call.reduction == "mean" and call.backend != "numpy":
         denominator = _reductions.mean_denominator(call.labels.reshape(-1), ignore_index, class_weight, call.xp)
+    share = _dtypes.kernel_smoothing(label_smoothing, call.first.shape[call.axis], call.first.dtype)
     return _run(call, "sparse_softmax_cross_entropy", denominator,
-                (ignore_index, class_weight, label_smoothing, z_loss, softcap),
+                (ignore_index, class_weight, share, z_loss, softcap),
                 {"ignore_index": ignore_index, "class_weight": class_weight, "label_smoothing": label_smoothing,
                  "z_loss": z_loss, "softcap": softcap}, ignore_index)
 
@@ -315,7 +316,8 @@ def softmax_cross_entropy(logits, labels, *, axis=-1, label_smoothing=0.0, softc
         reduction=reduction, return_grad=return_grad, grad_output=grad_output, inplace=inplace)
     label_smoothing = check.label_smoothing(label_smoothing)
     softcap = check.softcap(softcap)
-    return _run(call, "softmax_cross_entropy", _row_count(call), (label_smoothing, softcap),
+    share = _dtypes.kernel_smoothing(label_smoothing, call.first.shape[call.axis], call.first.dtype)
+    return _run(call, "softmax_cross_entropy", _row_count(call), (share, softcap),
                 {"label_smoothing": label_smoothing, "softcap": softcap})
 
 

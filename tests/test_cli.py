@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fastxent as fx
+from tests.support import assert_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1 << 20
@@ -306,7 +307,12 @@ def test_score_every_field_equals_library(tmp_path):
         for name in fields.split(","):
             expected = getattr(want, name)
             assert got[name].dtype == expected.dtype, name
-            np.testing.assert_array_equal(got[name], expected, err_msg=name)
+            if expected.dtype.kind == "f":
+                # within rounding: the command line reads memory maps, whose read-only
+                # arrays are their own compiled kernel variant (1 ulp of a float32 loss seen)
+                assert_close(got[name], expected, x.dtype, "value", name)
+            else:
+                np.testing.assert_array_equal(got[name], expected, err_msg=name)
     assert "accuracy" in err
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 

@@ -185,6 +185,26 @@ def test_soft_labels_zero_where_masked():
     compare((loss, grad), ref.softmax_cross_entropy(logits, labels, return_grad=True), np.float64, "xlogy")
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("labels_kind", ["ids", "distribution"])
+def test_smoothing_below_the_accumulation_range_keeps_masked_classes_infinite(dtype, labels_kind):
+    """A smoothing whose share eps / C is below the smallest float32 (4.4e-72 / 2, found by
+    the property suite) still puts a positive weight on every class: a masked class makes
+    the loss infinite, as in the float64 reference, not 0."""
+    logits = np.array([[0.0, -np.inf], [1.0, 2.0]], dtype=dtype)
+    eps = 4.3533350011471477e-72
+    if labels_kind == "ids":
+        labels = np.array([0, 1])
+        got = fx.sparse_softmax_cross_entropy(logits, labels, label_smoothing=eps, return_grad=True)
+        want = ref.sparse_softmax_cross_entropy(logits, labels, label_smoothing=eps, return_grad=True)
+    else:
+        labels = np.eye(2, dtype=dtype)[[0, 1]]
+        got = fx.softmax_cross_entropy(logits, labels, label_smoothing=eps, return_grad=True)
+        want = ref.softmax_cross_entropy(logits, labels, label_smoothing=eps, return_grad=True)
+    assert got[0][0] == np.inf and np.isfinite(got[0][1])
+    compare(got, want, dtype, "tiny smoothing")
+
+
 def test_large_magnitudes():
     logits = make_logits((5, 300), np.float32) * 3000
     labels = make_class_ids((5,), 300)
