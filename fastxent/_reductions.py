@@ -37,7 +37,9 @@ def reduce(loss, reduction, denominator, xp=np):
     (a mean over a zero denominator is 0.0)."""
     if reduction == "none":
         return loss
-    return from_total(loss.sum(dtype=np.float64), reduction, denominator, loss.dtype, xp)
+    with np.errstate(over="ignore"):   # a sum beyond the loss dtype is inf, as the kernels' losses are
+        total = loss.sum(dtype=np.float64)
+    return from_total(total, reduction, denominator, loss.dtype, xp)
 
 
 def from_total(total, reduction, denominator, dtype, xp=np):
@@ -47,8 +49,13 @@ def from_total(total, reduction, denominator, dtype, xp=np):
     array of the loss ``dtype``."""
     if reduction == "mean":
         denominator = float(denominator)
-        total = total / denominator if denominator != 0.0 else total * 0.0
-    return xp.asarray(total, dtype=dtype)
+        if denominator == 0.0:
+            # not total * 0.0: rows that count for nothing may still hold inf (a smoothed
+            # row of class weight 0 with a masked class), and inf * 0.0 is NaN
+            return xp.zeros((), dtype=dtype)
+        total = total / denominator
+    with np.errstate(over="ignore"):   # a float64 total beyond the float32 maximum is inf
+        return xp.asarray(total, dtype=dtype)
 
 
 def empty_mean(reduction, denominator):

@@ -466,7 +466,11 @@ def categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, label_smo
 
     Per row: ``q = probs / sum(probs)``, clipped to ``[epsilon, 1 - epsilon]``,
     then ``loss = -sum_c y_c log q_c``. ``label_smoothing`` eps maps ``y`` to
-    ``(1-eps) y + eps/C``. ``"mean"`` divides by the number of rows.
+    ``(1-eps) y + eps/C``. ``"mean"`` divides by the number of rows. A row whose
+    sum overflows the accumulation dtype (float32 probabilities summing past 3.4e38)
+    has every ``q`` at 0, clipped to ``epsilon``: loss ``-sum_c y_c log(epsilon)``,
+    gradient 0 (Keras sums in the input dtype and gives the same; the float64
+    reference, which does not overflow, gives the normalised answer).
 
     Examples
     --------
@@ -490,7 +494,9 @@ def sparse_categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, ig
 
     Per row: ``q = probs / sum(probs)``, clipped to ``[epsilon, 1 - epsilon]``,
     ``loss = -log q_y``. Rows labelled ``ignore_index`` give 0 and are not
-    counted; ``"mean"`` divides by the number of counted rows.
+    counted; ``"mean"`` divides by the number of counted rows. A row whose sum
+    overflows the accumulation dtype gives ``-log(epsilon)`` and gradient 0, as
+    :func:`categorical_cross_entropy`.
 
     Examples
     --------

@@ -101,11 +101,6 @@ def _softmax_xent(z, a):
     return loss, grad, lse, p
 
 
-def _softplus(x):
-    """``log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))``, stable for any finite x."""
-    return np.maximum(x, 0.0) + np.log1p(np.exp(-np.abs(x)))
-
-
 def _sigmoid(x):
     """``1 / (1 + exp(-x))`` without overflow: ``exp`` only of ``-|x|``."""
     e = np.exp(-np.abs(x))
@@ -127,7 +122,9 @@ def _categorical(p, y, lo, hi):
 
     ``q = p / s`` with ``s = sum(p)``, ``loss = -sum_c y_c log clip(q_c)``;
     with ``g = dloss/dq`` (0 where clipped),
-    ``dloss/dp_k = g_k / s - sum_j g_j p_j / s**2``.
+    ``dloss/dp_k = g_k / s - sum_j g_j p_j / s**2 = (g_k - sum_j g_j q_j) / s``, evaluated
+    in the last form: ``s**2`` leaves the float range for ``s`` beyond 1.3e154 (probabilities
+    near the float64 maximum) or below 1e-154, where the gradient does not.
     Returns ``(loss, dloss/dp)``.
     """
     s = np.sum(p, axis=-1, keepdims=True)
@@ -135,7 +132,7 @@ def _categorical(p, y, lo, hi):
     qc, inside = _clip(q, lo, hi)
     loss = -np.sum(_xlogy(y, qc), axis=-1)
     g = np.where(inside, -_xy(y, 1.0 / qc), 0.0)
-    grad = g / s - np.sum(g * p, axis=-1, keepdims=True) / s**2
+    grad = (g - np.sum(g * q, axis=-1, keepdims=True)) / s
     return loss, grad
 
 
@@ -239,7 +236,7 @@ def sparse_softmax_cross_entropy(logits, labels, *, axis=-1, ignore_index=None,
     z, dz = _softcap(x, softcap)
     loss, grad, lse, p = _softmax_xent(z, a)
     if z_loss:  # off adds exactly 0 (lse**2 overflows float64 from |lse| = 1.3e154: 0 * inf = NaN)
-        loss = loss + z_loss * lse**2
+        loss = loss + z_loss * lse * lse  # (z_loss lse) lse: finite wherever the term is
         grad = grad + 2.0 * z_loss * lse[..., None] * p
     grad = grad * dz
     loss = np.where(kept, loss, 0.0)
@@ -304,8 +301,11 @@ def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.
         loss = (1-z') x + (1 + (q-1) z') (log1p(exp(-|x|)) + max(-x, 0))
         grad = (1-z') - (1 + (q-1) z') sigmoid(-x)
 
-    which is ``max(x,0) - x z' + log1p(exp(-|x|))`` for ``q = 1``; stable for
-    ``|x|`` up to the float maximum. ``"mean"`` divides by the number of elements.
+    which is ``max(x,0) - x z' + log1p(exp(-|x|))`` for ``q = 1``. For ``x < 0`` the two
+    linear terms are added first, ``(1-z') x + (1 + (q-1) z') (-x) = -q z' x``: each of
+    them alone overflows float64 at |x| ~ 1.8e308 / (1 + (q-1) z') where the loss need not
+    (x = -1.7e308, z' = 0.3, q = 3: 0.9 |x|). ``x = -inf`` gives NaN, the literal
+    formula's ``-inf + inf``. ``"mean"`` divides by the number of elements.
 
     Parameters
     ----------
@@ -330,7 +330,8 @@ def sigmoid_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.
     z = (1.0 - eps) * _f64(labels) + eps / 2.0
     q = 1.0 if pos_weight is None else _f64(pos_weight)
     log_weight = 1.0 + (q - 1.0) * z
-    loss = (1.0 - z) * x + log_weight * _softplus(-x)
+    linear = np.where(x >= 0, (1.0 - z) * x, -(q * z) * x)
+    loss = np.where(x == -np.inf, np.nan, linear + log_weight * np.log1p(np.exp(-np.abs(x))))
     grad = (1.0 - z) - log_weight * _sigmoid(-x)
     return _finish(loss, grad, logits, reduction=reduction, denominator=loss.size,
                    return_grad=return_grad, grad_output=grad_output)
@@ -391,7 +392,7 @@ def categorical_cross_entropy(probs, labels, *, axis=-1, epsilon=1e-7, label_smo
 
         loss = -Σ_c y'_c log q_c                     (terms with y'_c == 0 contribute 0)
         g_k  = -y'_k / q_k where lo <= p_k/s <= hi, else 0
-        grad_k = g_k / s - (Σ_j g_j p_j) / s**2       (through the normalisation)
+        grad_k = (g_k - Σ_j g_j p_j / s) / s          (through the normalisation)
 
     ``"mean"`` divides by the number of rows.
 

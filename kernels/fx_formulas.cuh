@@ -31,8 +31,6 @@ template <class A> __device__ __forceinline__ A xlogy(A a, A b) { return a != A(
 // The larger of a and b, NaN if either is NaN.
 template <class A> __device__ __forceinline__ A nanmax(A a, A b) { return (a > b || a != a) ? a : b; }
 
-template <class A> __device__ __forceinline__ bool is_finite(A a) { return a - a == A(0); }
-
 // Keras/torch.clamp clip: clip(q, lo, hi), NaN stays NaN; `inside` is lo <= q <= hi, where
 // the clip passes the gradient (reference._clip).
 template <class A> __device__ __forceinline__ A clip(A q, A lo, A hi, bool& inside) {
@@ -60,11 +58,14 @@ template <class A> __device__ __forceinline__ A softcap(A x, A cap, A& slope) {
     return x;
 }
 
-// The fixed shift of a row's weighted score sums: sum_c a_c z_c is accumulated as
-// sum_c a_c (z_c - anchor) with anchor = z_0 (0 when z_0 is not finite), so rows of
-// large scores (|x| ~ 1e4) do not lose the loss to cancellation in sum(a) lse - sum(a z).
-// Every split of a row reads the same z_0, so partial sums add up.
-template <class A> __device__ __forceinline__ A row_anchor(A z0) { return is_finite(z0) ? z0 : A(0); }
+// Half the gap from the row max m down to a score z, (m - z) / 2, formed as m/2 - z/2: the same
+// rounding, and no overflow where m - z overflows but the loss term it enters does not (a weight
+// of 0.3 on a class scored -3e38 in a float32 row whose max is 3e38: the term is 1.8e38, the
+// difference 6e38). +inf for z = -inf (a masked class), whatever m is, -inf included.
+// (fastxent/backends/numba/_rows.py half_gap.)
+template <class A> __device__ __forceinline__ A half_gap(A m, A z) {
+    return z == -inf<A>() ? inf<A>() : m * A(0.5) - z * A(0.5);
+}
 
 // ----------------------------------------------------------------------------
 // The row's log-normaliser, kept split as lse = m + log_s: z - lse is evaluated as
@@ -133,33 +134,67 @@ template <class A> struct Online {
     __device__ A lse_torch() const { return (m == inf<A>() || m == -inf<A>()) ? m : m + acc_log(s); }
 };
 
+// Weighted gaps of a row's scores below its running max m (the m of Online above):
+// t = sum_c a_c and h = sum_c xy(a_c, half_gap(m, z_c)), so that
+//   sum_c a_c (lse - z_c) = t log_s + 2 h,
+// a sum of non-negative terms for a_c >= 0: no cancellation whatever the scores' magnitude,
+// and no overflow where the loss has none. (A fixed reference score instead of m, such as
+// z_0 in sum(a) (lse - z_0) - sum_c a_c (z_c - z_0), cancels every digit when z_0 is far
+// below the max: z_0 = -1e9, a masked first class, gave a loss of 0 for 0.127 in float32.)
+// The reference reads m: every push of the online max, and every merge, moves h to the new m.
+template <class A> struct GapSum {
+    A t, h;
+    __device__ void init() { t = A(0); h = A(0); }
+    // The max moved from m0 up to m1: every earlier gap grows by (m1 - m0) / 2.
+    __device__ __forceinline__ void rebase(A m0, A m1) {
+        if (!(m0 == m1)) h += xy(t, half_gap(m1, m0));
+    }
+    __device__ __forceinline__ void add(A a, A m, A z) {
+        t += a;
+        h += xy(a, half_gap(m, z));
+    }
+    // h of a side whose max is mi, moved to the merged max M.
+    __device__ A h_at(A mi, A M) const { return mi == M ? h : h + xy(t, half_gap(M, mi)); }
+    __device__ static GapSum merge(GapSum a, A ma, GapSum b, A mb, A M) {
+        GapSum o;
+        o.t = a.t + b.t;
+        o.h = a.h_at(ma, M) + b.h_at(mb, M);
+        return o;
+    }
+    // sum_c a_c (lse - z_c), from log_s = log sum_c exp(z_c - m).
+    __device__ A loss(A log_s) const { return t * log_s + (h + h); }
+};
+
 // ----------------------------------------------------------------------------
 // Sparse softmax cross-entropy (reference.sparse_softmax_cross_entropy; torch's
 // cross_entropy with class weights w, smoothing eps, PaLM's z_loss and the softcap):
 //   per kept row with label y, z = softcap(x), lse = logsumexp(z), a_c = (1-eps) w_y [c==y]
 //   + (eps/C) w_c, T = sum_c a_c = (1-eps) w_y + (eps/C) W, W = sum_c w_c:
 //     loss   = sum_c a_c (lse - z_c) + z_loss lse^2
-//            = xy((1-eps) w_y, lse - z_y) + (eps/C) (W (lse - anchor) - sum_c w_c (z_c - anchor))
-//              + z_loss lse^2
+//            = xy(2 (1-eps) w_y, half_gap(m, z_y) + log_s / 2) + gaps.loss(log_s) + z_loss lse^2
 //     grad_c = (p_c (T + 2 z_loss lse) - a_c) dz_c/dx_c * scale,   p_c = exp(z_c - lse)
-//   with lse - z as (m - z) + log_s (LogNorm).
+//   with lse = m + log_s (LogNorm) and gaps the GapSum of a_c = (eps/C) w_c.
 // ----------------------------------------------------------------------------
 
-// Running statistics of a row: the online softmax and, when eps > 0, wz = sum_c w_c (z_c - anchor)
-// over the classes with w_c != 0.
+// Running statistics of a row: the online softmax and, when eps > 0, the gaps of the
+// smoothing weights a_c = (eps/C) w_c.
 template <class A> struct SparseStats {
     Online<A> sm;
-    A wz;
-    __device__ void init() { sm.init(); wz = A(0); }
-    __device__ __forceinline__ void add(A z, A w, bool smoothing, A anchor) {
+    GapSum<A> gaps;
+    __device__ void init() { sm.init(); gaps.init(); }
+    __device__ __forceinline__ void add(A z, A a, bool smoothing) {
+        const A m0 = sm.m;
         A e;
         sm.push(z, e);
-        if (smoothing && w != A(0)) wz += w * (z - anchor);
+        if (smoothing) {
+            gaps.rebase(m0, sm.m);
+            gaps.add(a, sm.m, z);
+        }
     }
     __device__ static SparseStats merge(SparseStats a, SparseStats b) {
         SparseStats o;
         o.sm = Online<A>::merge(a.sm, b.sm);
-        o.wz = a.wz + b.wz;
+        o.gaps = GapSum<A>::merge(a.gaps, a.sm.m, b.gaps, b.sm.m, o.sm.m);
         return o;
     }
 };
@@ -173,16 +208,17 @@ template <class A> struct SparseRow {
     A W;          // sum_c w_c (C without class weights)
     A z_loss;     // PaLM's z_loss coefficient
     A cap;        // softcap, <= 0 for none
-    A anchor;     // the row's score shift (row_anchor), used when eps > 0
 };
 
 template <class A>
-__device__ __forceinline__ A sparse_xent_loss(const SparseRow<A>& r, LogNorm<A> n, A zy, A wz) {
+__device__ __forceinline__ A sparse_xent_loss(const SparseRow<A>& r, LogNorm<A> n, A zy, GapSum<A> gaps) {
     // The reference forms T * lse - sum_c xy(a_c, z_c): NaN whenever lse is, even when T = 0.
     const A lse = n.lse();
     if (lse != lse) return lse;
-    A loss = xy((A(1) - r.eps) * r.wy, -n.log_prob(zy));  // lse - z_y
-    if (r.eps > A(0)) loss += r.eps_c * (r.W * ((n.m - r.anchor) + n.log_s) - wz);
+    // (1-eps) w_y (lse - z_y), halved like the gaps and weighted twice; 0 for a zero weight
+    const A own = (A(1) - r.eps) * r.wy;
+    A loss = xy(own + own, half_gap(n.m, zy) + n.log_s * A(0.5));
+    if (r.eps > A(0)) loss += gaps.loss(n.log_s);
     // z_loss off adds exactly 0: lse * lse overflows float32 from |lse| = 1.8e19 (0 * inf = NaN).
     return r.z_loss > A(0) ? loss + r.z_loss * lse * lse : loss;
 }
@@ -213,7 +249,7 @@ __device__ __forceinline__ A sparse_xent_grad(const SparseRow<A>& r, i64 c, A x,
 // ----------------------------------------------------------------------------
 // Soft-label softmax cross-entropy (reference.softmax_cross_entropy, reference._softmax_xent):
 //   y'_c = (1-eps) y_c + eps/C, T = sum_c y'_c, z = softcap(x):
-//     loss   = T lse - sum_c xy(y'_c, z_c) = T (lse - anchor) - sum_c xy(y'_c, z_c - anchor)
+//     loss   = T lse - sum_c xy(y'_c, z_c) = gaps.loss(log_s)   (the GapSum of a_c = y'_c)
 //     grad_c = (p_c T - y'_c) dz_c/dx_c * scale
 // ----------------------------------------------------------------------------
 
@@ -221,28 +257,27 @@ template <class A> __device__ __forceinline__ A smooth_label(A y, A eps, A eps_c
 
 template <class A> struct SoftStats {
     Online<A> sm;
-    A t;    // sum_c y'_c
-    A yz;   // sum_c xy(y'_c, z_c - anchor)
-    __device__ void init() { sm.init(); t = A(0); yz = A(0); }
-    __device__ __forceinline__ void add(A z, A ys, A anchor) {
+    GapSum<A> gaps;   // of y'_c; gaps.t = T
+    __device__ void init() { sm.init(); gaps.init(); }
+    __device__ __forceinline__ void add(A z, A ys) {
+        const A m0 = sm.m;
         A e;
         sm.push(z, e);
-        t += ys;
-        yz += xy(ys, z - anchor);
+        gaps.rebase(m0, sm.m);
+        gaps.add(ys, sm.m, z);
     }
     __device__ static SoftStats merge(SoftStats a, SoftStats b) {
         SoftStats o;
         o.sm = Online<A>::merge(a.sm, b.sm);
-        o.t = a.t + b.t;
-        o.yz = a.yz + b.yz;
+        o.gaps = GapSum<A>::merge(a.gaps, a.sm.m, b.gaps, b.sm.m, o.sm.m);
         return o;
     }
 };
 
-template <class A> __device__ __forceinline__ A soft_xent_loss(LogNorm<A> n, A t, A yz, A anchor) {
+template <class A> __device__ __forceinline__ A soft_xent_loss(LogNorm<A> n, GapSum<A> gaps) {
     const A lse = n.lse();
     if (lse != lse) return lse;  // T * NaN in the reference, whatever T is
-    return t * ((n.m - anchor) + n.log_s) - yz;
+    return gaps.loss(n.log_s);
 }
 
 template <class A>
@@ -277,7 +312,8 @@ template <class A> struct ScoreStats {
         const A m0 = sm.m, s0 = sm.s;
         A e;
         const A r = sm.push(z, e);
-        if (!(sm.m == m0)) u = (m0 == -inf<A>()) ? A(0) : r * (u + s0 * (m0 - sm.m));
+        // xy: a factor r of 0 drops the old terms even where m0 - m overflowed (-3e38 - 3e38)
+        if (!(sm.m == m0)) u = (m0 == -inf<A>()) ? A(0) : xy(r, u + s0 * (m0 - sm.m));
         if (e != A(0)) u += e * (z - sm.m);
         if (better(z, c, best, arg)) { best = z; arg = c; }
     }
@@ -287,7 +323,7 @@ template <class A> struct ScoreStats {
         if (mi == M) return ui;
         if (mi == -inf<A>()) return A(0);
         const A d = mi - M;
-        return fast_exp(d) * (ui + si * d);
+        return xy(fast_exp(d), ui + si * d);  // 0, not 0 * -inf, where d overflowed
     }
 
     __device__ static ScoreStats merge(ScoreStats a, ScoreStats b) {
@@ -339,7 +375,7 @@ template <class A> __device__ __forceinline__ A hvp_value(A z, A v, LogNorm<A> n
 // Probability inputs (Keras 3; reference._categorical, binary_cross_entropy):
 //   categorical: s = sum_c p_c, q = clip(p / s, lo, hi), y'_c = (1-eps) y_c + eps/C,
 //     loss = -sum_c xlogy(y'_c, q_c),  g_c = inside_c ? -xy(y'_c, 1/q_c) : 0,
-//     grad_c = (g_c / s - (sum_j g_j p_j) / s^2) * scale
+//     grad_c = (g_c - sum_j g_j q_j) / s * scale,   q_j = p_j / s (unclipped)
 //   binary: z' = (1-eps) z + eps/2, q = clip(p, lo, hi),
 //     loss = -(xlogy(z', q) + xlogy(1-z', 1-q)),
 //     grad = (inside ? -(xy(z', 1/q) - xy(1-z', 1/(1-q))) : 0) * scale
@@ -354,12 +390,12 @@ template <class A> struct SumStats {
 
 template <class A> struct CategoricalStats {
     A nll;   // sum_c xlogy(y'_c, q_c)  (the loss is its negative)
-    A gp;    // sum_c g_c p_c
-    __device__ void init() { nll = A(0); gp = A(0); }
+    A gq;    // sum_c g_c q_c
+    __device__ void init() { nll = A(0); gq = A(0); }
     __device__ static CategoricalStats merge(CategoricalStats a, CategoricalStats b) {
         CategoricalStats o;
         o.nll = a.nll + b.nll;
-        o.gp = a.gp + b.gp;
+        o.gq = a.gq + b.gq;
         return o;
     }
 };
@@ -374,14 +410,16 @@ __device__ __forceinline__ A categorical_dq(A p, A ys, A s, A lo, A hi, A& term)
     return inside ? -xy(ys, A(1) / q) : A(0);
 }
 
-template <class A> __device__ __forceinline__ A categorical_grad(A g, A s, A gp, A scale) {
-    return (g / s - gp / (s * s)) * scale;
+// (g - gq) / s, not g / s - (sum_j g_j p_j) / s^2: s * s overflows float32 for s beyond
+// 1.8e19 (and g_j p_j = -y_j s overflows with s near the maximum), where the gradient does not.
+template <class A> __device__ __forceinline__ A categorical_grad(A g, A s, A gq, A scale) {
+    return (g - gq) / s * scale;
 }
 
 // Sparse categorical (one-hot y): pass 1 sums s = sum_c p_c and zp = sum_c 0 * p_c, which
 // is 0, or NaN once some p_c is +-inf or NaN. g_c = 0 for c != y, yet the reference's
-// sum_j g_j p_j meets 0 * inf there, so such a row's gradient is NaN everywhere (as the
-// dense kernel, which forms every g_c p_c, and the CPU backend give).
+// sum_j g_j q_j meets 0 * NaN there (q_j = inf / inf), so such a row's gradient is NaN
+// everywhere (as the dense kernel, which forms every g_c q_c, and the CPU backend give).
 template <class A> struct ProbSumStats {
     A s, zp;
     __device__ void init() { s = A(0); zp = A(0); }
@@ -395,12 +433,12 @@ template <class A> struct ProbSumStats {
 };
 
 // Loss of a sparse categorical row with label probability py; sets g_y (d loss / d q_y,
-// 0 where clipped) and gp = sum_j g_j p_j, from which categorical_grad gives every class.
+// 0 where clipped) and gq = sum_j g_j q_j, from which categorical_grad gives every class.
 template <class A>
-__device__ __forceinline__ A sparse_categorical_loss(A py, ProbSumStats<A> t, A lo, A hi, A& gy, A& gp) {
+__device__ __forceinline__ A sparse_categorical_loss(A py, ProbSumStats<A> t, A lo, A hi, A& gy, A& gq) {
     A term;
     gy = categorical_dq(py, A(1), t.s, lo, hi, term);
-    gp = gy * py + t.zp;
+    gq = gy * (py / t.s) + t.zp;
     return -term;
 }
 

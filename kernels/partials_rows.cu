@@ -42,7 +42,7 @@ __device__ __forceinline__ S block_row_stats(const Group<G>& g, const T* xr, i64
 // ============================================================================
 // Partial statistics of the losses: peak m, total sum exp(z - m), the target score when the
 // label is in the block; with class_weight (label smoothing) gap = sum_c xy(w, anchor - z_c)
-// about anchor = the block's first score (finite, else 0: row_anchor). z = softcap(x).
+// about anchor = the block's max (finite, else 0), summed as GapSum's halved gaps. z = softcap(x).
 // ============================================================================
 
 template <class T, int G>
@@ -56,18 +56,21 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_partials_rows(
     const bool smoothing = class_weight != nullptr;
     for (i64 row = g.first_row; row < N; row += g.row_stride) {
         const T* xr = x + row * C;
-        const A shift = smoothing ? row_anchor(softcap(to_acc<A>(xr[0]), cp)) : A(0);
         const SparseStats<A> st = block_row_stats<SparseStats<A>, A>(g, xr, C, vec_ok,
                                                                     [&](SparseStats<A>& s, i64 c, A xv) {
-            s.add(softcap(xv, cp), smoothing ? (A)class_weight[offset + c] : A(1), smoothing, shift);
+            s.add(softcap(xv, cp), smoothing ? (A)class_weight[offset + c] : A(0), smoothing);
         });
         if (!g.leader()) continue;
         const i64 local = block_label(labels[row], offset, C, ignore_index, has_ignore);
-        peak[row] = st.sm.m;
+        const A m = st.sm.m;
+        peak[row] = m;
         total[row] = st.sm.s;
         target[row] = local >= 0 ? softcap(to_acc<A>(xr[local]), cp) : A(0);
-        anchor[row] = shift;
-        gap[row] = -st.wz;  // SparseStats keeps sum_c w_c (z_c - anchor)
+        // GapSum keeps h = sum_c xy(w_c, (m - z_c) / 2) about the block's max m: gap = 2 h with
+        // anchor = m (reference.softmax_partials' anchor). A block with no finite max (all
+        // masked: m = -inf) gets anchor 0 and the same gap, inf or 0 (xy(w, 0 - (-inf))).
+        anchor[row] = (m - m == A(0)) ? m : A(0);
+        gap[row] = st.gaps.h + st.gaps.h;
     }
 }
 

@@ -47,19 +47,19 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) categorical_rows(
             A term;
             const A gq = categorical_dq(pv, smooth_label(yv, e, e_c), s, lo_a, hi_a, term);
             st.nll += term;
-            st.gp += gq * pv;
+            st.gq += gq * (pv / s);
         };
         row_apply<A, false, false>(0, C, pr, yr, (None*)nullptr, (None*)nullptr, g.lane, g.width, vec_ok, accumulate);
         st = g.reduce(st);
         if (g.leader()) loss[row] = -st.nll;
         if (grad == nullptr) continue;
         const A sc = scale_at<A>(scale, scale_value, row);
-        const A gp = st.gp;
+        const A gq_sum = st.gq;
         row_apply<A, true, true>(0, C, pr, yr, grad + row * C, (None*)nullptr, g.lane, g.width, vec_ok,
                                  [&](i64, A pv, A yv, A& out, A&) {
             A term;
             const A gq = categorical_dq(pv, smooth_label(yv, e, e_c), s, lo_a, hi_a, term);
-            out = categorical_grad(gq, s, gp, sc);
+            out = categorical_grad(gq, s, gq_sum, sc);
         });
     }
 }
@@ -68,8 +68,8 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) categorical_rows(
 // Sparse categorical cross-entropy: labels (N,) class ids
 // ============================================================================
 // The one-hot row of reference._categorical: only class y has a nonzero label, so
-// loss = -log q_y and g is zero except g_y; grad_c = ([c == y] g_y) / s - gp / s^2 with
-// gp = g_y p_y, NaN when some p_c is not finite (ProbSumStats).
+// loss = -log q_y and g is zero except g_y; grad_c = ([c == y] g_y - gq) / s with
+// gq = g_y q_y, NaN when some p_c is not finite (ProbSumStats).
 
 template <class T, class L, int G>
 __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_categorical_rows(
@@ -97,17 +97,17 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_categorical_rows
                                    vec_ok, [&](i64, A pv, A, A&, A&) { total.add(pv); });
         total = g.reduce(total);
         const A s = total.s;
-        A gy, gp;
-        const A row_loss = sparse_categorical_loss(to_acc<A>(pr[y]), total, lo_a, hi_a, gy, gp);
+        A gy, gq;
+        const A row_loss = sparse_categorical_loss(to_acc<A>(pr[y]), total, lo_a, hi_a, gy, gq);
         if (g.leader()) loss[row] = row_loss;
         if (grad == nullptr) continue;
         // Every class but y has the same gradient: fill the row without re-reading it,
         // then the leader overwrites class y after the group barrier.
         const A sc = scale_at<A>(scale, scale_value, row);
         T* gr = grad + row * C;
-        fill_range(gr, 0, C, categorical_grad(A(0), s, gp, sc), g.lane, g.width);
+        fill_range(gr, 0, C, categorical_grad(A(0), s, gq, sc), g.lane, g.width);
         g.sync();
-        if (g.leader()) gr[y] = narrow<T>(categorical_grad(gy, s, gp, sc));
+        if (g.leader()) gr[y] = narrow<T>(categorical_grad(gy, s, gq, sc));
     }
 }
 

@@ -50,14 +50,12 @@ namespace fx {
 // Sparse softmax cross-entropy: shared pieces
 // ============================================================================
 
-// Fills the row constants; returns the label status. need_anchor reads x[row, 0]
-// (the split gradient kernel must not: another block may already have overwritten it
-// in inplace mode, and the gradient does not use the anchor).
-template <class A, class T, class L>
-__device__ __forceinline__ int sparse_row_setup(SparseRow<A>& r, const T* xr, L label, i64 C,
+// Fills the row constants; returns the label status.
+template <class A, class L>
+__device__ __forceinline__ int sparse_row_setup(SparseRow<A>& r, L label, i64 C,
                                                 const double* class_weight, double weight_sum,
                                                 double eps, double z_loss, double cap,
-                                                i64 ignore_index, int has_ignore, bool need_anchor) {
+                                                i64 ignore_index, int has_ignore) {
     r.y = (i64)label;
     const int status = label_status(r.y, C, ignore_index, has_ignore);
     r.eps = (A)eps;
@@ -66,11 +64,7 @@ __device__ __forceinline__ int sparse_row_setup(SparseRow<A>& r, const T* xr, L 
     r.z_loss = (A)z_loss;
     r.cap = (A)cap;
     r.wy = A(1);
-    r.anchor = A(0);
-    if (status == LABEL_KEPT) {
-        if (class_weight != nullptr) r.wy = (A)class_weight[r.y];
-        if (need_anchor && eps > 0.0) r.anchor = row_anchor(softcap(to_acc<A>(xr[0]), r.cap));
-    }
+    if (status == LABEL_KEPT && class_weight != nullptr) r.wy = (A)class_weight[r.y];
     return status;
 }
 
@@ -84,7 +78,7 @@ __device__ __forceinline__ void sparse_accumulate(SparseStats<A>& st, const Spar
     const bool weighted = smoothing && class_weight != nullptr;
     row_apply<A, false, false>(c0, c1, xr, (const None*)nullptr, (None*)nullptr, (None*)nullptr,
                                 lane, width, vec_ok, [&](i64 c, A xv, A, A&, A&) {
-        st.add(softcap(xv, r.cap), weighted ? (A)class_weight[c] : A(1), smoothing, r.anchor);
+        st.add(softcap(xv, r.cap), r.eps_c * (weighted ? (A)class_weight[c] : A(1)), smoothing);
     });
 }
 
@@ -117,8 +111,8 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_xent_rows(
         const T* xr = x + row * C;
         T* gr = grad != nullptr ? grad + row * C : nullptr;
         SparseRow<A> r;
-        const int status = sparse_row_setup(r, xr, labels[row], C, class_weight, weight_sum, eps, z_loss,
-                                            cap, ignore_index, has_ignore, true);
+        const int status = sparse_row_setup(r, labels[row], C, class_weight, weight_sum, eps, z_loss,
+                                            cap, ignore_index, has_ignore);
         if (status != LABEL_KEPT) {
             if (g.leader()) {
                 if (status == LABEL_BAD) raise_flag(bad_label);
@@ -133,7 +127,7 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) sparse_xent_rows(
         st = g.reduce(st);
         const LogNorm<A> n = st.sm.norm_rows();
         const A zy = softcap(to_acc<A>(xr[r.y]), r.cap);
-        if (g.leader()) loss[row] = sparse_xent_loss(r, n, zy, st.wz);
+        if (g.leader()) loss[row] = sparse_xent_loss(r, n, zy, st.gaps);
         if (gr != nullptr) {
             g.sync();  // inplace: x[row, y] is read by every thread before any gradient store
             sparse_gradient(r, xr, gr, 0, C, class_weight, n, scale_at<A>(scale, scale_value, row),
@@ -156,8 +150,8 @@ __global__ void __launch_bounds__(ROW_BLOCK_MAX_THREADS) sparse_xent_partial(
     const i64 row = blockIdx.y, split = blockIdx.x, splits = gridDim.x;
     const T* xr = x + row * C;
     SparseRow<A> r;
-    if (sparse_row_setup(r, xr, labels[row], C, class_weight, 0.0, eps, 0.0, cap, ignore_index, has_ignore,
-                         true) != LABEL_KEPT)
+    if (sparse_row_setup(r, labels[row], C, class_weight, 0.0, eps, 0.0, cap, ignore_index,
+                         has_ignore) != LABEL_KEPT)
         return;
     const i64 c0 = split * chunk;
     const i64 c1 = c0 + chunk < C ? c0 + chunk : C;
@@ -180,8 +174,8 @@ __global__ void __launch_bounds__(GROUP_BLOCK_THREADS) sparse_xent_merge(
     for (i64 row = g.first_row; row < N; row += g.row_stride) {
         const T* xr = x + row * C;
         SparseRow<A> r;
-        const int status = sparse_row_setup(r, xr, labels[row], C, class_weight, weight_sum, eps, z_loss,
-                                            cap, ignore_index, has_ignore, true);
+        const int status = sparse_row_setup(r, labels[row], C, class_weight, weight_sum, eps, z_loss,
+                                            cap, ignore_index, has_ignore);
         if (status != LABEL_KEPT) {
             if (g.leader()) {
                 if (status == LABEL_BAD) raise_flag(bad_label);
@@ -197,7 +191,7 @@ __global__ void __launch_bounds__(GROUP_BLOCK_THREADS) sparse_xent_merge(
         const LogNorm<A> n = st.sm.norm_rows();
         const A zy = softcap(to_acc<A>(xr[r.y]), r.cap);
         if (g.leader()) {
-            loss[row] = sparse_xent_loss(r, n, zy, st.wz);
+            loss[row] = sparse_xent_loss(r, n, zy, st.gaps);
             row_norm[row] = n;
         }
     }
@@ -217,8 +211,8 @@ __global__ void __launch_bounds__(ROW_BLOCK_MAX_THREADS) sparse_xent_split_grad(
     const i64 c1 = c0 + chunk < C ? c0 + chunk : C;
     const A scale_row = scale_at<A>(scale, scale_value, row);
     SparseRow<A> r;
-    if (sparse_row_setup(r, xr, labels[row], C, class_weight, weight_sum, eps, z_loss, cap, ignore_index,
-                         has_ignore, false) != LABEL_KEPT) {
+    if (sparse_row_setup(r, labels[row], C, class_weight, weight_sum, eps, z_loss, cap, ignore_index,
+                         has_ignore) != LABEL_KEPT) {
         fill_range(gr, c0, c1, A(0) * scale_row, (i64)threadIdx.x, (i64)blockDim.x);
         return;
     }
@@ -241,20 +235,19 @@ __global__ void __launch_bounds__(row_launch_bound<G>()) soft_xent_rows(
         const T* xr = x + row * C;
         const Y* yr = labels + row * C;
         T* gr = grad != nullptr ? grad + row * C : nullptr;
-        const A anchor = row_anchor(softcap(to_acc<A>(xr[0]), cp));
         SoftStats<A> st;
         st.init();
         row_apply<A, false, false>(0, C, xr, yr, (None*)nullptr, (None*)nullptr, g.lane, g.width, vec_ok,
                                    [&](i64, A xv, A yv, A&, A&) {
-            st.add(softcap(xv, cp), smooth_label(yv, e, e_c), anchor);
+            st.add(softcap(xv, cp), smooth_label(yv, e, e_c));
         });
         st = g.reduce(st);
         const LogNorm<A> n = st.sm.norm_rows();
-        if (g.leader()) loss[row] = soft_xent_loss(n, st.t, st.yz, anchor);
+        if (g.leader()) loss[row] = soft_xent_loss(n, st.gaps);
         if (gr != nullptr) {
-            g.sync();  // inplace: x[row, 0] is read by every thread before any gradient store
+            // inplace needs no sync: after g.reduce each thread reads only the classes it writes
             const A sc = scale_at<A>(scale, scale_value, row);
-            const A t = st.t;
+            const A t = st.gaps.t;
             row_apply<A, true, true>(0, C, xr, yr, gr, (None*)nullptr, g.lane, g.width, vec_ok,
                                      [&](i64, A xv, A yv, A& out, A&) {
                 out = soft_xent_grad(xv, smooth_label(yv, e, e_c), cp, n, t, sc);

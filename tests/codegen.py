@@ -38,6 +38,8 @@ _FP_OP = re.compile(r"^\s+v?(f?n?m?(?:add|sub|mul|div|madd|msub)|sqrt|rcp|rsqrt)
 # Compares, max/min and blends are one kind, "select": LLVM turns `a if a > b else b`
 # into vmaxss in a scalar loop and into vcmpps + vblendvps in a vector one.
 _SELECT_OP = re.compile(r"^\s+v(?:max|min|cmp\w*|blendv?m?)(ss|sd|ps|pd)\b")
+#: The operations a fused multiply-add kind stands for (``vfnmadd``: c - a b).
+_FUSED = {"fmadd": ("mul", "add"), "fmsub": ("mul", "sub"), "fnmadd": ("mul", "sub"), "fnmsub": ("mul", "sub")}
 _WIDE = re.compile(r"%[yz]mm")
 _INT_VECTOR_OP = re.compile(r"^\s+vp(?:add|sub|mul|max|min|and|or|xor|sll|srl|sra|cmp)\w*\s.*%[xyz]mm")
 _GATHER = re.compile(r"^\s+(v(?:p)?(?:gather|scatter)\w*)", re.M)
@@ -109,6 +111,10 @@ def scalar_loops(asm):
     (module docstring): loops LLVM did not vectorise. A list of ``{kind: count}``."""
     loops = innermost_loops(asm)
     vector = [loop for loop in loops if loop["packed"]]
+    # A fused multiply-add also does the multiply and the add/sub it fuses: a remainder loop
+    # is not always contracted like its vector body (sparse_short_kernel's gradient loop:
+    # vmulss + vsubss beside vfmsub...ps).
+    covered = [set(v["packed"]).union(*(_FUSED.get(kind, ()) for kind in v["packed"])) for v in vector]
     claimed = set()
     missed = []
     # Largest first, each claiming the smallest vectorised loop that fits.
@@ -117,7 +123,7 @@ def scalar_loops(asm):
             continue
         kinds = set(loop["scalar"])
         fits = sorted((sum(v["packed"].values()), k) for k, v in enumerate(vector)
-                      if k not in claimed and len(kinds - set(v["packed"])) <= len(kinds) // 4)
+                      if k not in claimed and len(kinds - covered[k]) <= len(kinds) // 4)
         if fits:
             claimed.add(fits[0][1])
         else:

@@ -16,6 +16,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from fastxent import _dtypes
+from fastxent import reference as ref
+from fastxent._score import Score
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL_DIR = ROOT / "kernels"
 CUDA_HOST_DIR = ROOT / "tests" / "cuda_host"
@@ -210,3 +214,190 @@ def build_host_library(tmp_path_factory, source):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return ctypes.CDLL(str(library))
+
+
+# ----------------------------------------------------------------------------
+# Scores near the float range: the reference of the row shifted by its maximum
+# ----------------------------------------------------------------------------
+
+#: The softmax-family functions whose value is the same for ``x`` and ``x - max(x)`` per row
+#: (``logsumexp`` and ``score.lse`` move by the shift, added back by ``expected``).
+SHIFTED_FUNCTIONS = ("sparse_softmax_cross_entropy", "softmax_cross_entropy", "log_softmax", "softmax",
+                     "logsumexp", "softmax_cross_entropy_hvp", "score")
+
+
+def _row_shift(rows):
+    """Per row (class axis last, float64): the largest finite score, 0 for a row with none."""
+    finite = np.where(np.isfinite(rows), rows, -np.inf)
+    peak = finite.max(axis=-1, keepdims=True) if rows.shape[-1] else np.zeros(rows.shape[:-1] + (1,))
+    return np.where(np.isfinite(peak), peak, 0.0)
+
+
+#: The losses: their ``reduction=`` adds the unreduced losses as fastxent stores them.
+LOSSES = ("sparse_softmax_cross_entropy", "softmax_cross_entropy", "sigmoid_cross_entropy", "binary_cross_entropy",
+          "categorical_cross_entropy", "sparse_categorical_cross_entropy")
+
+
+def expected(fn, first, second=None, **options):
+    """The expected result of ``fastxent.<fn>``: :func:`expected_unreduced`'s, except that a
+    reduction adds the per-row (per-element) losses of the loss dtype, as fastxent does
+    (``_reductions.reduce``): where one of them is inf (a float32 loss beyond 3.4e38), the
+    sum and the mean are, even where the reference's float64 mean of the exact values is
+    finite (the losses' docstrings say so)."""
+    answer = expected_unreduced(fn, first, second, **options)
+    reduction = options.get("reduction", "none")
+    if fn not in LOSSES or reduction == "none":
+        return answer
+    rows = expected_unreduced(fn, first, second, **{**options, "reduction": "none", "return_grad": False,
+                                                    "grad_output": None})
+    if np.isfinite(rows).all():
+        return answer
+    with np.errstate(invalid="ignore"):
+        total = rows.astype(np.float64).sum()
+    if reduction == "mean":
+        denominator = _mean_denominator(fn, rows, second, options)
+        total = total / denominator if denominator else 0.0
+    loss = np.asarray(total, dtype=rows.dtype)
+    return (loss, answer[1]) if options.get("return_grad") else loss
+
+
+def _mean_denominator(fn, rows, labels, options):
+    """The denominator of a mean (docs/design.md, "reduction")."""
+    if fn not in ("sparse_softmax_cross_entropy", "sparse_categorical_cross_entropy"):
+        return rows.size
+    ids = np.asarray(labels).astype(np.int64)
+    kept = np.ones(ids.shape, bool) if options.get("ignore_index") is None else ids != options["ignore_index"]
+    weights = options.get("class_weight")
+    if fn == "sparse_categorical_cross_entropy" or weights is None:
+        return np.count_nonzero(kept)
+    return np.asarray(weights, np.float64)[np.where(kept, ids, 0)][kept].sum()
+
+
+def expected_unreduced(fn, first, second=None, **options):
+    """``fastxent.reference.<fn>``'s answer, reductions included, with the softmax family
+    computed on each row shifted by its largest finite score (docs/design.md, "Scores near
+    the float range").
+
+    The reference forms ``sum(y) * lse - sum(y x)`` and ``exp(x - lse)``, which lose every
+    digit once |x| passes ~1e15 (float64's spacing at 3e19 is 4096); the softmax losses,
+    log_softmax, softmax, the hvp and score's loss, entropy and target_logprob do not change
+    when a row moves by a constant, and ``logsumexp`` (score's ``lse``) moves by it, so they
+    are computed on ``x - max(x)`` (in float64) and cast by the dtype rules. A softcapped row
+    is not shifted (the cap is not shift-invariant; the capped scores are bounded by it).
+    PaLM's z-loss depends on ``lse`` itself: the shifted loss gets ``z_loss * lse**2`` and its
+    gradient ``2 z_loss lse p`` back before the reduction. The categorical losses: the reference,
+    but what fastxent's docstring states on rows whose sum overflows the accumulation dtype
+    (``_expected_probabilities``). Other functions: the reference as is.
+    """
+    if fn in ("categorical_cross_entropy", "sparse_categorical_cross_entropy"):
+        return _expected_probabilities(fn, first, second, **options)
+    if fn not in SHIFTED_FUNCTIONS or options.get("softcap") is not None:
+        return getattr(ref, fn)(first, *(() if second is None else (second,)), **options)
+    dtype = np.asarray(first).dtype
+    axis = options.get("axis", -1)
+    rows = np.moveaxis(np.asarray(first).astype(np.float64), axis, -1)
+    shift = _row_shift(rows)
+    shifted = np.moveaxis(rows - shift, -1, axis)
+    peak = np.moveaxis(shift, -1, axis).squeeze(axis)
+    loss_dtype = _dtypes.loss_dtype(dtype)
+    if fn in ("log_softmax", "softmax"):
+        return getattr(ref, fn)(shifted, **options).astype(dtype)
+    if fn == "logsumexp":
+        return np.asarray(ref.logsumexp(shifted, **options) + peak, dtype=loss_dtype)
+    if fn == "softmax_cross_entropy_hvp":
+        return ref.softmax_cross_entropy_hvp(shifted, second, **options).astype(dtype)
+    if fn == "score":
+        got = ref.score(shifted, second, **options)
+        plain = ref.score(first, second, **options)
+        return Score(got.loss.astype(loss_dtype), np.asarray(got.lse + peak, dtype=loss_dtype),
+                     got.target_logprob.astype(loss_dtype), got.entropy.astype(loss_dtype), plain.argmax,
+                     plain.correct)
+    if fn == "softmax_cross_entropy":
+        answer = ref.softmax_cross_entropy(shifted, second, **options)
+        if options.get("return_grad"):
+            return answer[0].astype(loss_dtype), answer[1].astype(dtype)
+        return answer.astype(loss_dtype)
+    return _expected_sparse(shifted, second, peak, dtype, **options)
+
+
+def _expected_sparse(shifted, labels, peak, dtype, *, axis=-1, ignore_index=None, class_weight=None,
+                     label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="none", return_grad=False,
+                     grad_output=None):
+    """``expected`` for ``sparse_softmax_cross_entropy``: the shifted reference without the
+    z-loss, unreduced; the z-loss term of the true ``lse``; then the reduction rules."""
+    loss, grad = ref.sparse_softmax_cross_entropy(shifted, labels, axis=axis, ignore_index=ignore_index,
+                                                  class_weight=class_weight, label_smoothing=label_smoothing,
+                                                  return_grad=True)
+    labels = np.asarray(labels).astype(np.int64)
+    kept = np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+    with np.errstate(all="ignore"):
+        if z_loss:
+            lse = peak + ref.logsumexp(shifted, axis=axis)
+            probs = np.moveaxis(ref.softmax(shifted, axis=axis), axis, -1)
+            loss = loss + np.where(kept, z_loss * lse * lse, 0.0)
+            extra = np.where(kept[..., None], 2.0 * z_loss * lse[..., None] * probs, 0.0)
+            grad = grad + np.moveaxis(extra, -1, axis)
+        count = shifted.shape[axis]
+        weights = np.ones(count) if class_weight is None else np.asarray(class_weight, np.float64)
+        denominator = weights[np.where(kept, labels, 0)][kept].sum()
+    return _finish(loss, grad, dtype, denominator=denominator, reduction=reduction, return_grad=return_grad,
+                   grad_output=grad_output, axis=axis)
+
+
+def _finish(loss, grad, dtype, *, denominator, reduction, return_grad, grad_output, axis=None):
+    """The reduction and ``grad_output`` rules (docs/design.md) on an unreduced float64 loss and
+    its per-element gradient (class axis ``axis``, None for elementwise), cast by the dtype rules."""
+    with np.errstate(all="ignore"):
+        total = loss if reduction == "none" else loss.sum()
+        scale = np.ones(()) if grad_output is None else np.asarray(grad_output, np.float64)
+        if reduction == "mean":
+            total, scale = (total / denominator, scale / denominator) if denominator != 0 else (0.0, None)
+        if scale is None:   # a mean over nothing: 0.0 with a zero gradient
+            grad = np.zeros_like(grad)
+        else:
+            scale = np.broadcast_to(scale, loss.shape)
+            grad = grad * (scale if axis is None else np.expand_dims(scale, axis))
+        # a float64 loss beyond the float32 maximum is inf
+        out = np.asarray(total, dtype=_dtypes.loss_dtype(dtype))
+        grad = grad.astype(dtype)
+    return (out, grad) if return_grad else out
+
+
+def _expected_probabilities(fn, probs, labels, *, axis=-1, epsilon=1e-7, label_smoothing=0.0,
+                            ignore_index=None, reduction="none", return_grad=False, grad_output=None):
+    """``expected`` for the categorical losses: the reference, except on rows whose sum
+    overflows the accumulation dtype, where fastxent's docstring says what it returns
+    (as Keras, which sums in the input dtype: every ``q`` is 0, clipped to ``epsilon``:
+    loss ``-sum_c y'_c log(epsilon)``, gradient 0). The float64 reference sums a float32
+    row in float64, where it does not overflow."""
+    sparse = fn == "sparse_categorical_cross_entropy"
+    options = {"axis": axis, "epsilon": epsilon,
+               **({"ignore_index": ignore_index} if sparse else {"label_smoothing": label_smoothing})}
+    dtype = np.asarray(probs).dtype
+    rows = np.moveaxis(np.asarray(probs).astype(np.float64), axis, -1)
+    limit = float(np.finfo(_dtypes.accumulation_dtype(dtype)).max)
+    with np.errstate(all="ignore"):
+        overflow = np.isfinite(rows).all(axis=-1) & ((rows * 2.0**-16).sum(axis=-1) > limit * 2.0**-16)
+    if not overflow.any():
+        return getattr(ref, fn)(probs, labels, **options, reduction=reduction, return_grad=return_grad,
+                                grad_output=grad_output)
+    # the probabilities in their own dtype: the clip bounds are rounded to it
+    loss, grad = getattr(ref, fn)(np.moveaxis(np.asarray(probs), axis, -1), labels if sparse else np.moveaxis(
+        np.asarray(labels), axis, -1), **{**options, "axis": -1}, return_grad=True)
+    loss, grad = loss.astype(np.float64), grad.astype(np.float64)
+    count = rows.shape[-1]
+    if sparse:
+        ids = np.asarray(labels).astype(np.int64)
+        kept = np.ones(ids.shape, bool) if ignore_index is None else ids != ignore_index
+        targets = (ids[..., None] == np.arange(count)) & kept[..., None]
+        denominator = np.count_nonzero(kept)
+    else:
+        targets = (1.0 - label_smoothing) * np.moveaxis(np.asarray(labels), axis, -1).astype(np.float64)
+        targets = targets + label_smoothing / count
+        denominator = loss.size
+    lo, _ = _dtypes.clip_bounds(epsilon, dtype)
+    loss = np.where(overflow, -np.where(targets != 0, targets * np.log(lo), 0.0).sum(axis=-1), loss)
+    grad = np.where(overflow[..., None], 0.0, grad)
+    out = _finish(loss, grad, dtype, denominator=denominator, reduction=reduction, return_grad=return_grad,
+                  grad_output=grad_output, axis=-1)
+    return (out[0], np.moveaxis(out[1], -1, axis)) if return_grad else out

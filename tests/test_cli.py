@@ -39,18 +39,35 @@ def run_cli(*args, cwd=None, env_extra=None, timeout=300):
     return child.returncode, out.decode(), err.decode()
 
 
+#: Runs the command and writes its own peak resident set (VmHWM, KiB) as the last line of
+#: stderr. Not ru_maxrss (getrusage, wait4): Linux carries the parent's peak into a forked
+#: child's, so under a pytest process of 200 MB every child "peaked" at 200 MB and the
+#: budget test could not fail. VmHWM belongs to the memory map exec gives the child.
+_PEAK_REPORTER = """
+import atexit, runpy, sys
+
+def report():
+    with open("/proc/self/status") as status:
+        peak = next(line for line in status if line.startswith("VmHWM:"))
+    sys.stderr.write("\\nVmHWM " + peak.split()[1] + "\\n")
+
+atexit.register(report)
+sys.argv[0] = "fastxent"
+runpy.run_module("fastxent.cli", run_name="__main__")
+"""
+
+
 def run_for_rss(*args):
     """Run the command; return (exit status, stderr, the child's own peak RSS in bytes)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("FASTXENT_BACKEND", None)
-    child = subprocess.Popen([sys.executable, "-m", "fastxent.cli", *map(str, args)], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    child.stderr.close()
-    return child.returncode, err.decode(), usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    child = subprocess.run([sys.executable, "-c", _PEAK_REPORTER, *map(str, args)], cwd=REPO, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    err = child.stderr.decode()
+    lines = err.rstrip().splitlines()
+    assert lines and lines[-1].startswith("VmHWM "), err[-2000:]
+    return child.returncode, "\n".join(lines[:-1]), int(lines[-1].split()[1]) * 1024
 
 
 def without(tmp_path, module):
@@ -187,6 +204,35 @@ def test_score_loss_equals_library(tmp_path):
     assert f"mean loss {float(fx.sparse_softmax_cross_entropy(x, y, ignore_index=-100, reduction='mean')):.6g}" \
         in summary
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("layout", ["rows", "class axis 1"])
+def test_score_big_endian_files_equal_library(tmp_path, layout):
+    """Files written with the other byte order (``>f4`` scores, ``>i8`` labels: what np.load
+    returns for a .npy written on a big-endian machine) score as their native values, every
+    field, chunk by chunk (small chunks, a byte-swapped copy of each)."""
+    x, y = logits_and_labels()
+    axis = -1
+    if layout != "rows":   # (60, 37, 5): classes on axis 1, copied into rows as well
+        x, y, axis = np.ascontiguousarray(x.reshape(60, 5, 37).transpose(0, 2, 1)), y.reshape(60, 5), 1
+    np.save(tmp_path / "x.npy", x.astype(">f4"))
+    np.save(tmp_path / "y.npy", y.astype(">i8"))
+    assert np.load(tmp_path / "x.npy", mmap_mode="r").dtype.str == ">f4"
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "-o", tmp_path / "all.npz",
+                               "--fields", "loss,lse,target_logprob,entropy,argmax,correct", "--axis", axis,
+                               "--ignore-index", "-100", "--memory", "4k")
+    assert status == 0, err
+    assert "Traceback" not in err
+    want = fx.score(x, y, axis=axis, ignore_index=-100)
+    with np.load(tmp_path / "all.npz") as got:
+        for field in want._fields:
+            assert got[field].dtype == getattr(want, field).dtype and got[field].dtype.isnative, field
+            np.testing.assert_array_equal(got[field], getattr(want, field), err_msg=field)
+    status, out, err = run_cli("score", tmp_path / "x.npy", tmp_path / "y.npy", "--reduction", "mean",
+                               "--axis", axis, "--ignore-index", "-100")
+    assert status == 0, err
+    assert float(out) == pytest.approx(float(fx.sparse_softmax_cross_entropy(
+        x, y, axis=axis, ignore_index=-100, reduction="mean")), rel=1e-6)
 
 
 def _run_with_terminal_stderr(args, pythonpath=REPO):
@@ -344,18 +390,20 @@ def test_score_bfloat16_raw_items(tmp_path):
 RSS_MARGIN = 4 * MiB
 
 
-def test_score_peak_rss_within_budget(tmp_path):
+@pytest.mark.parametrize("order", ["<f4", ">f4"])
+def test_score_peak_rss_within_budget(tmp_path, order):
     """32 MiB of logits under --memory 8M: the peak stays near baseline + 8 MiB.
 
     The baseline is the same command on a 4-row file with the same number of
     classes (so the same kernels): Python, numpy, numba and the compiled code,
     about 160 MiB here. Without the page release the big run peaks 32 MiB above
-    it (measured: +31.2 MiB; with it +7.5 MiB).
+    it (measured: +31.2 MiB; with it +7.5 MiB). A big-endian file: each chunk is
+    also copied to the native byte order, which the chunk size accounts for.
     """
     classes, budget = 8192, 8 * MiB
     rng = np.random.default_rng(0)
     for name, rows in (("tiny", 4), ("big", 1024)):  # big: 1024 x 8192 float32 = 32 MiB = 4x budget
-        x = np.lib.format.open_memmap(tmp_path / f"{name}_x.npy", "w+", np.float32, (rows, classes))
+        x = np.lib.format.open_memmap(tmp_path / f"{name}_x.npy", "w+", np.dtype(order), (rows, classes))
         for start in range(0, rows, 128):
             x[start:start + 128] = rng.standard_normal((min(128, rows - start), classes), dtype=np.float32)
         x.flush()
@@ -374,6 +422,7 @@ def test_score_peak_rss_within_budget(tmp_path):
         f"budget 8 MiB + margin {RSS_MARGIN / MiB:.0f} MiB")
     x = np.load(tmp_path / "big_x.npy")
     y = np.load(tmp_path / "big_y.npy")
+    assert x.dtype.str == order
     np.testing.assert_array_equal(np.load(tmp_path / "big_loss.npy"), fx.sparse_softmax_cross_entropy(x, y))
 
 

@@ -229,3 +229,120 @@ def test_sparse_categorical_formulas_match_the_reference(formulas, acc, num_clas
                 what = f"sparse categorical {acc} C={c} width={width} eps={epsilon} row {i}"
                 _close(loss.value, want_loss[0], what, prtol, prtol)
                 _close(grad, want_grad[0], what + " grad", prtol, prtol)
+
+
+def test_split_path_structs_match_the_host_buffers(formulas):
+    """The split path keeps SparseStats and LogNorm in global memory, allocated on the host as
+    SPARSE_STATS_WORDS and LOG_NORM_WORDS accumulation-type words: a struct that grows without
+    them would be written past its buffer."""
+    from fastxent.backends import cuda
+
+    for suffix, size in (("f", 4), ("d", 8)):
+        for name, words in (("sparse_stats", cuda.SPARSE_STATS_WORDS), ("log_norm", cuda.LOG_NORM_WORDS)):
+            getattr(formulas, f"{name}_bytes_{suffix}").restype = ctypes.c_long
+            assert getattr(formulas, f"{name}_bytes_{suffix}")() == words * size, f"{name} {suffix}"
+
+
+def _far_rows(np_type):
+    """Rows reaching the float range: a masking score far below the max in the first class (the
+    -1e9 a model puts on a padding class, or -max), scores of both signs beyond half the maximum,
+    ties at the maximum. float64 stays within ±max/2, where the reference's x - max is finite."""
+    big = float(np.finfo(np_type).max) / (2.0 if np_type is np.float64 else 1.0)
+    rows = [[-1e9, 5, 3, 1, 0], [-1e4, 5, 3, 1, 0], [-big, 5, 3, 1, 0], [-big, big, 3, 1, 0],
+            [big, big, big, 0.5, -big], [big / 2, -big / 2, 0, big / 4, -big], [3e19] * 5, [-big] * 5]
+    return np.array(rows, dtype=np_type).astype(np.float64)
+
+
+@pytest.mark.parametrize("acc", list(HOST_ACC))
+def test_formulas_on_scores_near_the_float_range(formulas, acc):
+    """Against the reference of each row shifted by its max (tests.support.expected): the
+    gaps are kept relative to the running max, halved, so a first class at -1e9 no longer
+    cancels the loss (0 for 0.127 in float32), and -max next to +max gives no 0 * inf."""
+    from tests.support import expected
+
+    np_type, (rtol, atol) = HOST_ACC[acc]
+    suffix = acc[0]
+    x = _far_rows(np_type)
+    c = x.shape[1]
+    d = ctypes.c_double
+    weights = np.array([0.0, 1.0, 0.25, 2.0, 1.0])
+    y = np.array([0.0, 0.7, 0.0, 0.3, 0.0])
+    typed = x.astype(np_type)
+    for width in (1, 2, 4):
+        for i in range(x.shape[0]):
+            row = typed[i:i + 1]
+            what = f"{acc} width={width} row {x[i].tolist()}"
+            for label in range(c):
+                for splits in (1, 2):
+                    for opt in ({}, {"eps": 0.1}, {"eps": 1.0}, {"w": weights}, {"w": weights, "eps": 0.2},
+                                {"zl": 1e-3}):
+                        loss, grad = d(), np.zeros(c)
+                        getattr(formulas, f"sparse_row_{suffix}")(
+                            _dptr(x[i]), c, label, d(opt.get("eps", 0.0)), d(opt.get("zl", 0.0)), d(0.0),
+                            _dptr(opt.get("w")), width, ctypes.byref(loss), grad.ctypes.data_as(ctypes.POINTER(d)),
+                            splits)
+                        want_loss, want_grad = expected(
+                            "sparse_softmax_cross_entropy", row, np.array([label]), class_weight=opt.get("w"),
+                            label_smoothing=opt.get("eps", 0.0), z_loss=opt.get("zl", 0.0), return_grad=True)
+                        where = f"sparse {what} label {label} splits={splits} {sorted(opt)}"
+                        _close(loss.value, want_loss[0], where, rtol, atol)
+                        _close(grad, want_grad[0], where + " grad", rtol, atol)
+            for eps in (0.0, 0.1):
+                loss, grad = d(), np.zeros(c)
+                getattr(formulas, f"soft_row_{suffix}")(_dptr(x[i]), _dptr(y), c, d(eps), d(0.0), width,
+                                                        ctypes.byref(loss), grad.ctypes.data_as(ctypes.POINTER(d)))
+                want_loss, want_grad = expected("softmax_cross_entropy", row, y[None].astype(np_type),
+                                                label_smoothing=eps, return_grad=True)
+                _close(loss.value, want_loss[0], f"soft {what} eps={eps}", rtol, atol)
+                _close(grad, want_grad[0], f"soft {what} eps={eps} grad", rtol, atol)
+            out = np.zeros(5)
+            getattr(formulas, f"score_row_{suffix}")(_dptr(x[i]), c, 1, width, out.ctypes.data_as(ctypes.POINTER(d)))
+            want = expected("score", row, np.array([1]))
+            _close(out[:4], [want.loss[0], want.lse[0], want.target_logprob[0], want.entropy[0]], "score " + what,
+                   rtol, atol)
+            assert out[4] == want.argmax[0], f"argmax {what}"
+            lse_torch, lse_rows, log_sm = d(), d(), np.zeros(c)
+            getattr(formulas, f"lse_rows_{suffix}")(_dptr(x[i]), c, width, ctypes.byref(lse_torch),
+                                                    ctypes.byref(lse_rows), log_sm.ctypes.data_as(ctypes.POINTER(d)))
+            _close(lse_torch.value, expected("logsumexp", row)[0], "logsumexp " + what, rtol, atol)
+            _close(log_sm, expected("log_softmax", row)[0], "log_softmax " + what, rtol, atol)
+            v = np.linspace(-1.0, 1.0, c)
+            hv = np.zeros(c)
+            getattr(formulas, f"hvp_row_{suffix}")(_dptr(x[i]), _dptr(v), c, width, hv.ctypes.data_as(ctypes.POINTER(d)))
+            _close(hv, expected("softmax_cross_entropy_hvp", row, v[None].astype(np_type))[0], "hvp " + what, rtol,
+                   atol)
+
+
+@pytest.mark.parametrize("acc", list(HOST_ACC))
+def test_categorical_gradients_of_huge_and_tiny_probability_sums(formulas, acc):
+    """(g - sum_j g_j q_j) / s, not g / s - sum_j g_j p_j / s**2: s**2 overflows float32 for a
+    row sum beyond 1.8e19 (the second term was lost: half the gradient) and is subnormal below
+    1e-19. Gradients scale as 1/s, so they are compared times s, relative to their size."""
+    from fastxent import reference as ref
+
+    np_type, _ = HOST_ACC[acc]
+    rtol = 1e-5 if acc == "float" else 1e-12
+    big = float(np.finfo(np_type).max)
+    d = ctypes.c_double
+    target = np.array([1.0, 0.0, 0.5, 0.25])
+    for p in ([1e20, 1e20, 3e20, 1e19], [big / 8, big / 4, big / 16, big / 8], [1e-20, 3e-20, 2e-20, 1e-20],
+              [2.0, 1.0, 1.0, 4.0]):
+        p = np.array(p, np_type)
+        s = float(p.astype(np.float64).sum())
+        for width in (1, 2):
+            loss, grad = d(), np.zeros(4)
+            getattr(formulas, f"categorical_row_{acc[0]}")(
+                _dptr(p), _dptr(target), 4, d(1e-7), d(float(np_type(1 - 1e-7))), d(0.1), width, ctypes.byref(loss),
+                grad.ctypes.data_as(ctypes.POINTER(d)))
+            want_loss, want_grad = ref.categorical_cross_entropy(p[None], target[None].astype(np_type),
+                                                                 label_smoothing=0.1, return_grad=True)
+            what = f"categorical {acc} p={p.tolist()} width={width}"
+            _close(loss.value, want_loss[0], what, rtol, 0)
+            _close(grad * s, want_grad[0].astype(np.float64) * s, what + " grad * s", rtol, 1e-6)
+            label_loss, label_grad = d(), np.zeros(4)
+            getattr(formulas, f"sparse_categorical_row_{acc[0]}")(
+                _dptr(p), 4, 2, d(1e-7), d(float(np_type(1 - 1e-7))), width, ctypes.byref(label_loss),
+                label_grad.ctypes.data_as(ctypes.POINTER(d)))
+            want_loss, want_grad = ref.sparse_categorical_cross_entropy(p[None], np.array([2]), return_grad=True)
+            _close(label_loss.value, want_loss[0], "sparse " + what, rtol, 0)
+            _close(label_grad * s, want_grad[0].astype(np.float64) * s, "sparse " + what + " grad * s", rtol, 1e-6)

@@ -314,3 +314,22 @@ def test_negative_class_weights_are_linear_like_torch(backend):
     loss, grad = fx.sparse_softmax_cross_entropy(logits[:2], np.array([0, 1]), class_weight=[2.0, -2.0, 1, 1, 1],
                                                  reduction="mean", return_grad=True, backend=backend)
     assert float(loss) == 0.0 and not grad.any()
+
+
+def test_float64_rows_beyond_half_the_maximum():
+    """float64 scores past half the maximum, where the reference's ``x - max(x)`` itself
+    overflows (tests/test_properties.py sweeps float64 up to max/2 only). A log-probability
+    of ``-max - max`` is beyond float64: fastxent returns it rounded, ``-inf`` (loss
+    ``+inf``, probability 0, gradient 0 there); everything representable is exact."""
+    big = float(np.finfo(np.float64).max)
+    x = np.array([[big, -big, 0.0]] * 3)
+    y = np.array([0, 1, 2])
+    loss, grad = fx.sparse_softmax_cross_entropy(x, y, return_grad=True)
+    np.testing.assert_array_equal(loss, [0.0, np.inf, big])
+    np.testing.assert_array_equal(grad, [[0.0, 0.0, 0.0], [1.0, -1.0, 0.0], [1.0, 0.0, -1.0]])
+    np.testing.assert_array_equal(fx.softmax_cross_entropy(x, np.eye(3)), [0.0, np.inf, big])
+    np.testing.assert_array_equal(fx.logsumexp(x), [big] * 3)
+    np.testing.assert_array_equal(fx.log_softmax(x), [[0.0, -np.inf, -big]] * 3)
+    got = fx.score(x, y)
+    np.testing.assert_array_equal(got.target_logprob, [0.0, -np.inf, -big])
+    np.testing.assert_array_equal(got.entropy, [0.0] * 3)

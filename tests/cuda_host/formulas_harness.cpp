@@ -23,7 +23,6 @@ void sparse_row(const double* xd, long C, long y, double eps, double zl, double 
     SparseRow<A> r; r.y = y; r.eps = (A)eps; r.eps_c = (A)(eps / C); r.z_loss = (A)zl; r.cap = (A)cap;
     double Wd = 0; for (long c = 0; c < C; ++c) Wd += w ? w[c] : 1.0; r.W = (A)Wd;
     r.wy = w ? (A)w[y] : A(1);
-    r.anchor = eps > 0 ? row_anchor(softcap(x[0], r.cap)) : A(0);
     long chunk = (C + splits - 1) / splits;
     std::vector<SparseStats<A>> parts;
     for (int s = 0; s < splits; ++s) {
@@ -32,14 +31,14 @@ void sparse_row(const double* xd, long C, long y, double eps, double zl, double 
         for (auto& l : lanes) l.init();
         for (int lane = 0; lane < width; ++lane)
             for (long c = c0 + lane; c < c1; c += width)
-                lanes[lane].add(softcap(x[c], r.cap), (eps > 0 && w) ? (A)w[c] : A(1), r.eps > 0, r.anchor);
+                lanes[lane].add(softcap(x[c], r.cap), r.eps_c * ((eps > 0 && w) ? (A)w[c] : A(1)), r.eps > 0);
         parts.push_back(tree(lanes));
     }
     SparseStats<A> st; st.init();
     for (auto& p : parts) st = SparseStats<A>::merge(st, p);
     LogNorm<A> n = st.sm.norm_rows();
     A zy = softcap(x[y], r.cap);
-    *loss = sparse_xent_loss(r, n, zy, st.wz);
+    *loss = sparse_xent_loss(r, n, zy, st.gaps);
     A pc = sparse_xent_p_coef(r, n.lse());
     for (long c = 0; c < C; ++c)
         grad[c] = sparse_xent_grad(r, c, x[c], (eps > 0 && w) ? (A)w[c] : A(1), n, pc, A(1));
@@ -49,14 +48,13 @@ template <class A>
 void soft_row(const double* xd, const double* yd, long C, double eps, double cap, int width, double* loss, double* grad) {
     std::vector<A> x(C), yv(C); for (long c = 0; c < C; ++c) { x[c] = (A)xd[c]; yv[c] = (A)yd[c]; }
     A e = (A)eps, ec = (A)(eps / C), cp = (A)cap;
-    A anchor = row_anchor(softcap(x[0], cp));
     std::vector<SoftStats<A>> lanes(width); for (auto& l : lanes) l.init();
     for (int lane = 0; lane < width; ++lane)
-        for (long c = lane; c < C; c += width) lanes[lane].add(softcap(x[c], cp), smooth_label(yv[c], e, ec), anchor);
+        for (long c = lane; c < C; c += width) lanes[lane].add(softcap(x[c], cp), smooth_label(yv[c], e, ec));
     SoftStats<A> st = tree(lanes);
     LogNorm<A> n = st.sm.norm_rows();
-    *loss = soft_xent_loss(n, st.t, st.yz, anchor);
-    for (long c = 0; c < C; ++c) grad[c] = soft_xent_grad(x[c], smooth_label(yv[c], e, ec), cp, n, st.t, A(1));
+    *loss = soft_xent_loss(n, st.gaps);
+    for (long c = 0; c < C; ++c) grad[c] = soft_xent_grad(x[c], smooth_label(yv[c], e, ec), cp, n, st.gaps.t, A(1));
 }
 
 template <class A>
@@ -97,11 +95,11 @@ void categorical_row(const double* pd, const double* yd, long C, double lo, doub
     A e = (A)eps, ec = (A)(eps / C);
     for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) {
         A term; A g = categorical_dq((A)pd[c], smooth_label((A)yd[c], e, ec), s, (A)lo, (A)hi, term);
-        cl[lane].nll += term; cl[lane].gp += g * (A)pd[c];
+        cl[lane].nll += term; cl[lane].gq += g * ((A)pd[c] / s);
     }
     CategoricalStats<A> st = tree(cl);
     *loss = -st.nll;
-    for (long c = 0; c < C; ++c) { A term; A g = categorical_dq((A)pd[c], smooth_label((A)yd[c], e, ec), s, (A)lo, (A)hi, term); grad[c] = categorical_grad(g, s, st.gp, A(1)); }
+    for (long c = 0; c < C; ++c) { A term; A g = categorical_dq((A)pd[c], smooth_label((A)yd[c], e, ec), s, (A)lo, (A)hi, term); grad[c] = categorical_grad(g, s, st.gq, A(1)); }
 }
 
 template <class A>
@@ -109,9 +107,9 @@ void sparse_categorical_row(const double* pd, long C, long y, double lo, double 
     std::vector<ProbSumStats<A>> lanes(width); for (auto& l : lanes) l.init();
     for (int lane = 0; lane < width; ++lane) for (long c = lane; c < C; c += width) lanes[lane].add((A)pd[c]);
     ProbSumStats<A> t = tree(lanes);
-    A gy, gp;
-    *loss = sparse_categorical_loss((A)pd[y], t, (A)lo, (A)hi, gy, gp);
-    for (long c = 0; c < C; ++c) grad[c] = categorical_grad(c == y ? gy : A(0), t.s, gp, A(1));
+    A gy, gq;
+    *loss = sparse_categorical_loss((A)pd[y], t, (A)lo, (A)hi, gy, gq);
+    for (long c = 0; c < C; ++c) grad[c] = categorical_grad(c == y ? gy : A(0), t.s, gq, A(1));
 }
 
 template <class A>
@@ -142,4 +140,9 @@ void sparse_categorical_row_d(const double* p, long C, long y, double lo, double
 void elementwise_f(const double* x, const double* z, const double* q, long n, double eps, double lo, double hi, double* o) { elementwise<float>(x, z, q, n, eps, lo, hi, o); }
 void elementwise_d(const double* x, const double* z, const double* q, long n, double eps, double lo, double hi, double* o) { elementwise<double>(x, z, q, n, eps, lo, hi, o); }
 unsigned short bf16_round(float v) { return Narrow<bf16>::from(v).bits; }
+// Sizes of the structs the split path keeps in global memory (fastxent/backends/cuda SPARSE_STATS_WORDS).
+long sparse_stats_bytes_f() { return sizeof(SparseStats<float>); }
+long sparse_stats_bytes_d() { return sizeof(SparseStats<double>); }
+long log_norm_bytes_f() { return sizeof(LogNorm<float>); }
+long log_norm_bytes_d() { return sizeof(LogNorm<double>); }
 }

@@ -119,13 +119,19 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
         return _finish(loss, grad, total)
 
 
+#: Accumulation-type words of the device structs the split path keeps in global memory
+#: (kernels/fx_formulas.cuh; their sizes are checked by tests/test_cuda_host_formulas.py).
+SPARSE_STATS_WORDS = 4   # SparseStats<A>: Online (m, s), GapSum (t, h)
+LOG_NORM_WORDS = 2       # LogNorm<A>: m, log_s
+
+
 def _sparse_split(logits, ids, split, options, scale, scale_value, loss, grad, vec, flag):
     """The split-row path: partial statistics per chunk, a merge per row, the gradient per chunk."""
     n_rows, n_classes = logits.shape
     weights, weight_sum, eps, zl, cap, ignore, has_ignore = options
     acc = acc_dtype_name(logits.dtype)
-    partial = a.empty((n_rows * split.splits, 3), acc)   # SparseStats<A>: m, s, wz
-    row_norm = a.empty((n_rows, 2), acc)                 # LogNorm<A>: m, log_s
+    partial = a.empty((n_rows * split.splits, SPARSE_STATS_WORDS), acc)
+    row_norm = a.empty((n_rows, LOG_NORM_WORDS), acc)
     grid2d = (split.splits, n_rows)
     threads = (_config.CUDA_SPLIT_BLOCK_THREADS,)
     _build.get_kernel("sparse_xent_partial", logits.dtype, ids.dtype)(

@@ -169,7 +169,7 @@ def _elementwise_outputs(first, grad_scale, block, total, inplace):
     """
     acc = _acc(first.dtype)
     if total:
-        loss, totals = None, np.empty(-(-first.size // block), dtype=acc)
+        loss, totals = None, np.empty(-(-first.size // block), dtype=np.float64)   # sigmoid_kernel's subtotals
     else:
         loss, totals = _loss_out(first.size, first.dtype), None
     grad, target = _gradient(first, grad_scale, inplace)

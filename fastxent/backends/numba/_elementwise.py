@@ -91,6 +91,11 @@ def _sigmoid_grad(z, q, s_pos, s_neg, acc):
     return (acc(1.0) - z) * s_pos - q * z * s_neg
 
 
+#: sigmoid_kernel's stand-in sum: losses times 2**-64, its total times 2**64 (exact powers of two).
+_TINY = 2.0 ** -64
+_HUGE = 2.0 ** 64
+
+
 @kernel
 def sigmoid_kernel(logits, labels, pos_weight, weight_period, keep, share, scale, scale_period, block,
                    loss, totals, grad, acc):
@@ -104,6 +109,7 @@ def sigmoid_kernel(logits, labels, pos_weight, weight_period, keep, share, scale
     """
     size = logits.shape[0]
     dest = gradient_target(logits, grad)
+    tiny = acc(_TINY)   # typed: a float64 constant would pull the sum into float64
     for b in prange((size + block - 1) // block):
         lo = b * block
         hi = min(lo + block, size)
@@ -112,7 +118,12 @@ def sigmoid_kernel(logits, labels, pos_weight, weight_period, keep, share, scale
         q = window(pos_weight, weight_period, lo, hi)
         if loss is not None:
             out = loss[lo:hi]
+        # A block of float32 losses each below 3.4e38 can sum past it (three scores at 3.4e38:
+        # the mean is 2.3e38, a float32 sum is inf). A float64 sum would leave the loop
+        # scalar (mixed widths), so a second float32 sum of the losses times 2**-64, one fma
+        # more per element, stands in where the first overflows (it cannot below 2**64 elements).
         subtotal = acc(0.0)
+        scaled = acc(0.0)
         if grad is None:
             for j in range(hi - lo):
                 value = nm.load(x[j])
@@ -122,6 +133,7 @@ def sigmoid_kernel(logits, labels, pos_weight, weight_period, keep, share, scale
                     out[j] = element
                 else:
                     subtotal += element
+                    scaled += element * tiny
         else:
             g = window(scale, scale_period, lo, hi)
             dx = dest[lo:hi]
@@ -134,9 +146,10 @@ def sigmoid_kernel(logits, labels, pos_weight, weight_period, keep, share, scale
                     out[j] = element
                 else:
                     subtotal += element
+                    scaled += element * tiny
                 dx[j] = nm.store(g[j] * _sigmoid_grad(target, q[j], s_pos, s_neg, acc), dest)
         if totals is not None:
-            totals[b] = subtotal
+            totals[b] = subtotal if subtotal - subtotal == 0 else np.float64(scaled) * _HUGE
 
 
 @kernel

@@ -80,7 +80,10 @@ def row_moments(row, vector, acc):
         # a NaN chunk gives NaN factors: the NaN reaches the sums
         top, old, new = rebase(peak, shift)
         if vector is None:
-            weighted = old * (weighted + (peak - top) * total) + new * (chunk_weighted + (shift - top) * chunk_total)
+            # a factor of 0 drops its side even where the move of its max overflowed
+            # (peak - top = -3e38 - 3e38 = -inf in float32: 0 * -inf would be NaN)
+            weighted = (xlogy_term(old, weighted + (peak - top) * total)
+                        + xlogy_term(new, chunk_weighted + (shift - top) * chunk_total))
         else:
             weighted = old * weighted + new * chunk_weighted
         total = old * total + new * chunk_total

@@ -133,16 +133,21 @@ def sparse_categorical_kernel(probs, labels, ignore_index, lo, hi, scale, step, 
             continue
         row = probs[i]
         total = acc(0.0)
+        zeros = acc(0.0)   # sum_j 0 * p_j: 0, or NaN once a p_j is infinite or NaN
         for j in range(count):
-            total += nm.load(row[j])
+            value = nm.load(row[j])
+            total += value
+            zeros += acc(0.0) * value
         inverse = acc(1.0) / total
         q = nm.load(row[label]) * inverse
         clipped = _clip(q, lo, hi)
         loss[i] = -nm.log_approx(clipped)
         if grad is not None:
             g = acc(scale[i * step]) * inverse
-            if total == np.inf or total == -np.inf:
-                g = acc(np.nan)   # as categorical rows and the reference: sum_j g_j p_j meets 0 * inf
+            if zeros != zeros:
+                # as categorical rows and the reference: sum_j g_j p_j meets 0 * inf. Not for
+                # a sum that overflows with every p_j finite (each g_j p_j is then 0).
+                g = acc(np.nan)
             slope = _neg_log_slope(acc(1.0), q, clipped, lo, hi, acc)
             other = -g * (slope * q)
             grad_row = grad[i]

@@ -14,6 +14,7 @@ from ._rows import (
     capped,
     capped_slope,
     gradient_target,
+    half_gap,
     inline,
     kernel,
     log_prob,
@@ -98,7 +99,9 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
     # Typed constants: Numba makes ``1 - float32`` a float64, which would pull
     # the per-element loops into float64.
     share = smoothing / acc(count)
+    twice_share = share + share
     keep = acc(1.0) - smoothing
+    half = acc(0.5)
     dest = gradient_target(logits, grad)
     rows = logits.shape[0]
     for task in prange((rows + rows_per_task - 1) // rows_per_task):
@@ -116,13 +119,21 @@ def sparse_kernel(logits, labels, ignore_index, class_weight, weight_total, smoo
             lse = shift + log_sum
             target = capped(nm.load(raw_target), softcap)
             weight = class_weight[label]
-            value = keep * weight * -log_prob(target, shift, log_sum) + _z_term(z_loss, lse)
+            # -log p_y = (shift - t_y) + log_sum, halved (half_gap) and weighted twice: no
+            # overflow where the weighted term is finite (w = 0.3, t_y = -3e38, shift = 3e38
+            # in float32: 6e38 overflows, 0.3 of it does not); a zero weight (class_weight,
+            # or label_smoothing = 1) times an infinite -log p_y adds 0 (xlogy), not NaN.
+            own = keep * weight
+            value = xlogy_term(own + own, half_gap(shift, target, half) + log_sum * half) + _z_term(z_loss, lse)
             if smoothing != 0:
-                gap = acc(0.0)   # sum_c w_c (shift - t_c): the smoothing term without W lse's cancellation
+                # (e/C) sum_c w_c (shift - t_c): the smoothing term without W lse's
+                # cancellation, e/C inside the sum so that it overflows only where the loss does
+                gap = acc(0.0)
                 for j in range(count):
-                    gap += class_weight[j] * (shift - capped(nm.load(row[j]), softcap))
-                value += share * (weight_total * log_sum + gap)
-            loss[i] = value
+                    gap += xlogy_term(twice_share * class_weight[j],
+                                      half_gap(shift, capped(nm.load(row[j]), softcap), half))
+                value += share * weight_total * log_sum + gap
+            loss[i] = value if log_sum == log_sum else log_sum   # a NaN row is NaN whatever its weights
             if grad is not None:
                 g = acc(scale[i * step])
                 z_slope = acc(2.0) * z_loss * lse if z_loss != 0 else z_loss
@@ -204,6 +215,7 @@ def sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, scal
     """
     rows, count = logits.shape
     block = _ROW_BLOCK
+    half = acc(0.5)
     dest = gradient_target(logits, grad)
     for b in prange((rows + block - 1) // block):
         first = b * block
@@ -238,7 +250,10 @@ def sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, scal
         out = loss[first:first + size]
         for r in range(size):
             log_sum = nm.log_approx(totals[r]) if totals[r] > 0 else acc(np.nan)
-            value = weights[r] * -log_prob(targets[r], peaks[r], log_sum) + _z_term(z_loss, peaks[r] + log_sum)
+            # the row kernel's target term: halved, weighted twice, 0 for a zero weight
+            gap = half_gap(peaks[r], targets[r], half) + log_sum * half
+            value = xlogy_term(weights[r] + weights[r], gap) + _z_term(z_loss, peaks[r] + log_sum)
+            value = value if log_sum == log_sum else log_sum   # a NaN row is NaN whatever its weight
             out[r] = value if classes[r] >= 0 else acc(0.0)
         if grad is not None:
             if step == 0:   # the gradient scale of each row, read with unit stride
@@ -273,6 +288,7 @@ def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, rows_
     count = logits.shape[1]
     share = smoothing / acc(count)
     keep = acc(1.0) - smoothing
+    half = acc(0.5)
     dest = gradient_target(logits, grad)
     rows = logits.shape[0]
     for task in prange((rows + rows_per_task - 1) // rows_per_task):
@@ -286,7 +302,8 @@ def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, rows_
             for j in range(count):
                 y = smoothed(targets[j], keep, share, acc)
                 label_total += y
-                gap += xlogy_term(y, shift - capped(nm.load(row[j]), softcap))
+                # halved and weighted twice (sparse_kernel): no overflow where y' (shift - t) is finite
+                gap += xlogy_term(y + y, half_gap(shift, capped(nm.load(row[j]), softcap), half))
             loss[i] = label_total * log_sum + gap
             if grad is not None:
                 g = acc(scale[i * step])

@@ -17,7 +17,9 @@ budget; their per-row results come back to be written and summed as above.
 Chunk size (rows of the first axis)::
 
     chunk = memory // (logits_row * (2 if the class axis is not last else 1)
-                       + labels_row + 4 bytes per label (masks)
+                       + the file's logits row again if its byte order is not the machine's
+                       + labels_row * (2 if its byte order is not the machine's else 1)
+                       + 4 bytes per label (masks)
                        + library_results_row + written_fields_row
                        [+ REFERENCE_BYTES_PER_SCORE per score with backend "numpy"])
 
@@ -232,8 +234,10 @@ def _plan(logits, labels, ax, names, reduction, backend, budget, memory, logits_
     classes = logits.shape[ax] if head is None else head[0].shape[0]
     if head is not None:  # a row of hidden states, and the block's scores of that row
         logits_row += classes * _dtypes.accumulation_dtype(logits.dtype).itemsize
-    row_bytes = (logits_row * (1 if ax == logits.ndim - 1 else 2)
-                 + per_row * (labels.dtype.itemsize + MASK_BYTES_PER_LABEL)
+    # a chunk in the other byte order is copied once more: fastxent brings it to the native order
+    swapped_row = 0 if logits.dtype.isnative else int(np.prod(logits.shape[1:], dtype=np.int64)) * logits.dtype.itemsize
+    row_bytes = (logits_row * (1 if ax == logits.ndim - 1 else 2) + swapped_row
+                 + per_row * (labels.dtype.itemsize * (1 + (not labels.dtype.isnative)) + MASK_BYTES_PER_LABEL)
                  + per_row * (loss_dtype.itemsize if loss_only else sum(d.itemsize for d in dtypes.values()))
                  + (per_row * sum(dtypes[n].itemsize for n in names) if reduction == "none" else 0))
     if backend == "numpy":
