@@ -14,7 +14,7 @@ import numpy as np
 from numba import prange
 
 from . import _math as nm
-from ._rows import CHUNK, chunk_max, inline, kernel, rebase, xlogy_term
+from ._rows import CHUNK, chunk_max, inline, kernel, normal_exp, rebase, xlogy_term
 
 
 @inline
@@ -68,7 +68,7 @@ def row_moments(row, vector, acc):
             terms = vector[start:start + CHUNK]
         for j in range(chunk.shape[0]):
             shifted = nm.load(chunk[j]) - shift
-            e = nm.exp_approx(shifted)
+            e = normal_exp(shifted, acc)
             chunk_total += e
             if vector is None:
                 chunk_weighted += xlogy_term(e, shifted)
@@ -112,7 +112,7 @@ def hvp_kernel(logits, v, out, acc):
         mean = dot * inverse
         out_row = out[i]
         for j in range(count):
-            p = nm.exp_approx(nm.load(row[j]) - peak) * inverse
+            p = normal_exp(nm.load(row[j]) - peak, acc) * inverse
             out_row[j] = nm.store(p * (acc(nm.load(vector[j])) - mean), out)
 
 

@@ -16,7 +16,7 @@ from numba import prange
 
 from . import _math as nm
 from ._moments import row_moments
-from ._rows import capped, chunk_max, inline, kernel, xlogy_term, zero_row
+from ._rows import capped, chunk_max, inline, kernel, normal_exp, xlogy_term, zero_row
 from ._softmax import _softmax_grad
 
 
@@ -36,7 +36,7 @@ def _block_sum_exp(row, softcap, acc):
     shift = peak if peak != -np.inf else acc(0.0)   # all -inf: exp(-inf - 0) = 0
     total = acc(0.0)
     for j in range(row.shape[0]):
-        total += nm.exp_approx(capped(nm.load(row[j]), softcap) - shift)
+        total += normal_exp(capped(nm.load(row[j]), softcap) - shift, acc)
     return peak, total
 
 

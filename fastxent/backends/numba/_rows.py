@@ -106,6 +106,43 @@ def chunk_max(chunk, acc):
 
 
 @inline
+def normal_exp(shifted, acc):
+    """``exp(shifted)`` for a score minus its row's max (``shifted <= 0``), flushed to 0
+    where the result would be subnormal (``shifted < -87`` in float32, ``< -708`` in float64).
+
+    A softmax term that small is below the rounding of the row's sum (>= 1, the max's own
+    term) and of every probability's gradient, so dropping it changes nothing but speed:
+    subnormal operands take a microcode assist per instruction on x86. Spiky float32
+    rows (7.7% of the terms of ``fastxent bench``'s 4096 x 32000 between e^-104 and
+    e^-87) ran the fused pass in 344 ms against 146 ms for scores without them. The
+    input is clamped first so ``exp_approx`` builds no subnormal either; NaN stays NaN.
+    """
+    low = acc(-708.0) if acc(1e-300) != 0 else acc(-87.0)
+    value = nm.exp_approx(shifted if not shifted < low else low)
+    return value if not shifted < low else acc(0.0)
+
+
+@inline
+def normal_floor(factor, acc):
+    """The smallest ``e >= 0`` whose ``e * factor`` is a normal number: products of
+    smaller kept exponentials are flushed to 0 by :func:`scaled_exp`. NaN for a NaN
+    ``factor``, +inf for 0."""
+    tiny = acc(2.2250738585072014e-308) if acc(1e-300) != 0 else acc(1.1754943508222875e-38)
+    return tiny / abs(factor)
+
+
+@inline
+def scaled_exp(kept, factor, floor, acc):
+    """``kept * factor`` (a kept exponential times a row's gradient coefficient), 0 where
+    the product would be subnormal (``kept < floor``, :func:`normal_floor`). With
+    ``reduction="mean"`` the coefficient is ``1 / N``, so products far below the float32
+    grid are common (e^-80 / 4096) and each costs an x86 microcode assist: the fused
+    pass on ``fastxent bench``'s spiky 4096 x 32000 took 259 ms for ``"mean"`` against
+    140 ms for ``"none"``. NaN passes through."""
+    return kept * factor if not kept < floor else acc(0.0)
+
+
+@inline
 def rebase(peak, shift):
     """Merge two log-sum-exp references: ``(m, a, b)`` with ``m`` the larger of
     ``peak`` and ``shift`` and ``a = exp(peak - m)``, ``b = exp(shift - m)`` the
@@ -136,7 +173,7 @@ def row_lse(row, softcap, acc):
             shift = acc(0.0)  # all -inf (masked) chunk: exp(-inf - 0) = 0, NaN still propagates
         chunk_sum = acc(0.0)
         for j in range(chunk.shape[0]):
-            chunk_sum += nm.exp_approx(capped(nm.load(chunk[j]), softcap) - shift)
+            chunk_sum += normal_exp(capped(nm.load(chunk[j]), softcap) - shift, acc)
         if chunk_sum != 0:
             running_max, old, new = rebase(running_max, shift)
             running_sum = running_sum * old + chunk_sum * new
@@ -159,7 +196,7 @@ def row_exp_into(row, out_row, acc):
     shift = peak if peak != -np.inf else acc(0.0)
     total = acc(0.0)
     for j in range(row.shape[0]):
-        value = nm.exp_approx(nm.load(row[j]) - shift)
+        value = normal_exp(nm.load(row[j]) - shift, acc)
         out_row[j] = value
         total += value
     if total > 0:

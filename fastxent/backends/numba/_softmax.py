@@ -18,8 +18,11 @@ from ._rows import (
     inline,
     kernel,
     log_prob,
+    normal_exp,
+    normal_floor,
     row_exp_into,
     row_lse,
+    scaled_exp,
     smoothed,
     xlogy_term,
     zero_row,
@@ -37,7 +40,7 @@ def _softmax_grad(raw, coef, offset, shift, log_sum, softcap, acc):
     own term is added afterwards), soft rows ``coef = g sum(y')``, ``offset = g y'_c``.
     """
     value = capped(nm.load(raw), softcap)
-    return (coef * nm.exp_approx(log_prob(value, shift, log_sum)) - offset) * capped_slope(value, softcap, acc)
+    return (coef * normal_exp(log_prob(value, shift, log_sum), acc) - offset) * capped_slope(value, softcap, acc)
 
 
 @inline
@@ -62,8 +65,9 @@ def _finish_grad_row(row, grad, grad_row, kept, keep_exp, coef, inv_sum, shift, 
     """
     if keep_exp:
         factor = coef * inv_sum
+        floor = normal_floor(factor, acc)
         for j in range(row.shape[0]):
-            value = kept[j] * factor
+            value = scaled_exp(kept[j], factor, floor, acc)
             if offsets is not None:
                 value -= offset_scale * nm.load(offsets[j])
             grad_row[j] = nm.store(value, grad)
@@ -244,7 +248,7 @@ def sparse_short_kernel(logits, labels, ignore_index, class_weight, z_loss, scal
         for c in range(count):
             column = columns[c * block:c * block + size]
             for r in range(size):
-                e = nm.exp_approx(column[r] - peaks[r])
+                e = normal_exp(column[r] - peaks[r], acc)
                 column[r] = e
                 totals[r] += e
         out = loss[first:first + size]
@@ -310,8 +314,10 @@ def soft_kernel(logits, labels, smoothing, softcap, scale, step, keep_exp, rows_
                 grad_row = dest[i]
                 if keep_exp:
                     factor = g * label_total * inv_sum
+                    floor = normal_floor(factor, acc)
                     for j in range(count):
-                        grad_row[j] = nm.store(kept[j] * factor - g * smoothed(targets[j], keep, share, acc), dest)
+                        own = g * smoothed(targets[j], keep, share, acc)
+                        grad_row[j] = nm.store(scaled_exp(kept[j], factor, floor, acc) - own, dest)
                 else:
                     coef = g * label_total
                     for j in range(count):
@@ -348,7 +354,7 @@ def log_softmax_kernel(x, out, exponentiate, acc):
         shift, log_sum = row_lse(row, None, acc)
         if exponentiate:
             for j in range(row.shape[0]):
-                out[i, j] = nm.store(nm.exp_approx(log_prob(nm.load(row[j]), shift, log_sum)), out)
+                out[i, j] = nm.store(normal_exp(log_prob(nm.load(row[j]), shift, log_sum), acc), out)
         else:
             for j in range(row.shape[0]):
                 out[i, j] = nm.store(log_prob(nm.load(row[j]), shift, log_sum), out)
