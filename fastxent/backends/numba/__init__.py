@@ -53,6 +53,15 @@ def _kernel_view(array):
     return array
 
 
+def _scores_view(array, writes=False):
+    """:func:`_kernel_view` of an input, read-only unless the kernel writes into it
+    (``inplace``): one compiled variant, and one rounding, whether the caller's array
+    is writeable or not (a memory-mapped file is read-only; the two variants
+    vectorised a sum differently and differed by an ulp)."""
+    view = _kernel_view(array)
+    return view if writes else _readonly(view)
+
+
 def _acc(dtype):
     """The accumulation type as the numpy scalar type the kernels are typed with."""
     return _dtypes.accumulation_dtype(dtype).type
@@ -62,8 +71,8 @@ def _label_view(labels, acc):
     """Dense labels (or ``v``) in their own dtype when ``nm.load`` reads it (a copy
     would be input-sized), else cast to ``acc``."""
     if labels.dtype.name in _LABEL_STORAGE:
-        return _kernel_view(labels)
-    return labels.astype(acc)
+        return _readonly(_kernel_view(labels))
+    return _readonly(labels.astype(acc))
 
 
 def _class_ids(labels):
@@ -209,19 +218,19 @@ def sparse_softmax_cross_entropy(logits, labels, ignore_index, class_weight, lab
     weights = np.ones(count, dtype=acc) if class_weight is None else class_weight.astype(acc)
     ids, ignore = _class_ids(labels), _ignore_value(ignore_index)
     if softcap is None and label_smoothing == 0 and count < _config.NUMBA_SHORT_ROW:
-        _softmax.sparse_short_kernel(_kernel_view(logits), ids, ignore, weights, acc(z_loss), scale, step, loss,
-                                     target, acc)
+        _softmax.sparse_short_kernel(_scores_view(logits, inplace), ids, ignore, weights, acc(z_loss), scale, step,
+                                     loss, target, acc)
         return _finish(loss, grad, total)
-    _softmax.sparse_kernel(_kernel_view(logits), ids, ignore, weights, acc(weights.sum()), acc(label_smoothing),
-                           acc(z_loss), None if softcap is None else acc(softcap), scale, step, softcap is None,
-                           _rows_per_task(*logits.shape), loss, target, acc)
+    _softmax.sparse_kernel(_scores_view(logits, inplace), ids, ignore, weights, acc(weights.sum()),
+                           acc(label_smoothing), acc(z_loss), None if softcap is None else acc(softcap), scale, step,
+                           softcap is None, _rows_per_task(*logits.shape), loss, target, acc)
     return _finish(loss, grad, total)
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, *, total=False, inplace=False):
     acc = _acc(logits.dtype)
     loss, grad, target, scale, step = _row_outputs(logits, grad_scale, inplace)
-    _softmax.soft_kernel(_kernel_view(logits), _label_view(labels, acc), acc(label_smoothing),
+    _softmax.soft_kernel(_scores_view(logits, inplace), _label_view(labels, acc), acc(label_smoothing),
                          None if softcap is None else acc(softcap), scale, step, softcap is None,
                          _rows_per_task(*logits.shape), loss, target, acc)
     return _finish(loss, grad, total)
@@ -229,19 +238,19 @@ def softmax_cross_entropy(logits, labels, label_smoothing, softcap, grad_scale, 
 
 def logsumexp(x):
     out = _loss_out(x.shape[0], x.dtype)
-    _softmax.lse_kernel(_kernel_view(x), out, _acc(x.dtype))
+    _softmax.lse_kernel(_scores_view(x), out, _acc(x.dtype))
     return out
 
 
 def log_softmax(x):
     out, view = _new_like(x)
-    _softmax.log_softmax_kernel(_kernel_view(x), view, False, _acc(x.dtype))
+    _softmax.log_softmax_kernel(_scores_view(x), view, False, _acc(x.dtype))
     return out
 
 
 def softmax(x):
     out, view = _new_like(x)
-    _softmax.log_softmax_kernel(_kernel_view(x), view, True, _acc(x.dtype))
+    _softmax.log_softmax_kernel(_scores_view(x), view, True, _acc(x.dtype))
     return out
 
 
@@ -254,7 +263,7 @@ def sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, grad_scal
     block = _block(logits.size)
     weights, period = _window_values(1.0 if pos_weight is None else pos_weight, logits.size, block, acc)
     loss, totals, grad, target, scale, scale_period = _elementwise_outputs(logits, grad_scale, block, total, inplace)
-    _elementwise.sigmoid_kernel(_flat(_kernel_view(logits)), _flat(_label_view(labels, acc)), weights, period,
+    _elementwise.sigmoid_kernel(_flat(_scores_view(logits, inplace)), _flat(_label_view(labels, acc)), weights, period,
                                 acc(1.0 - label_smoothing), acc(label_smoothing / 2.0), scale, scale_period,
                                 block, loss, totals, target, acc)
     return _finish(totals, grad, True) if total else (loss.reshape(logits.shape), grad)
@@ -265,7 +274,7 @@ def sigmoid_cross_entropy_hessian_diag(logits, labels, pos_weight):
     block = _block(logits.size)
     weights, period = _window_values(1.0 if pos_weight is None else pos_weight, logits.size, block, acc)
     out, view = _new_like(logits)
-    _elementwise.sigmoid_hessian_kernel(_flat(_kernel_view(logits)), _flat(_label_view(labels, acc)), weights,
+    _elementwise.sigmoid_hessian_kernel(_flat(_scores_view(logits)), _flat(_label_view(labels, acc)), weights,
                                         period, block, _flat(view), acc)
     return out
 
@@ -275,7 +284,7 @@ def binary_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scale, *,
     block = _block(probs.size)
     lo, hi = _clip_bounds(epsilon, probs.dtype, acc)
     loss, totals, grad, target, scale, scale_period = _elementwise_outputs(probs, grad_scale, block, total, inplace)
-    _probs.binary_kernel(_flat(_kernel_view(probs)), _flat(_label_view(labels, acc)), lo, hi,
+    _probs.binary_kernel(_flat(_scores_view(probs, inplace)), _flat(_label_view(labels, acc)), lo, hi,
                          acc(1.0 - label_smoothing), acc(label_smoothing / 2.0), scale, scale_period, block,
                          loss, totals, target, acc)
     return _finish(totals, grad, True) if total else (loss.reshape(probs.shape), grad)
@@ -285,7 +294,7 @@ def categorical_cross_entropy(probs, labels, epsilon, label_smoothing, grad_scal
     acc = _acc(probs.dtype)
     lo, hi = _clip_bounds(epsilon, probs.dtype, acc)
     loss, grad, target, scale, step = _row_outputs(probs, grad_scale)
-    _probs.categorical_kernel(_kernel_view(probs), _label_view(labels, acc), lo, hi, acc(1.0 - label_smoothing),
+    _probs.categorical_kernel(_scores_view(probs), _label_view(labels, acc), lo, hi, acc(1.0 - label_smoothing),
                               acc(label_smoothing / probs.shape[1]), scale, step, loss, target, acc)
     return _finish(loss, grad, total)
 
@@ -294,7 +303,7 @@ def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_
     acc = _acc(probs.dtype)
     lo, hi = _clip_bounds(epsilon, probs.dtype, acc)
     loss, grad, target, scale, step = _row_outputs(probs, grad_scale)
-    _probs.sparse_categorical_kernel(_kernel_view(probs), _class_ids(labels), _ignore_value(ignore_index), lo, hi,
+    _probs.sparse_categorical_kernel(_scores_view(probs), _class_ids(labels), _ignore_value(ignore_index), lo, hi,
                                      scale, step, loss, target, acc)
     return _finish(loss, grad, total)
 
@@ -306,7 +315,7 @@ def sparse_categorical_cross_entropy(probs, labels, epsilon, ignore_index, grad_
 def softmax_cross_entropy_hvp(logits, v):
     acc = _acc(logits.dtype)
     out, view = _new_like(logits)
-    _moments.hvp_kernel(_kernel_view(logits), _label_view(v, acc), view, acc)
+    _moments.hvp_kernel(_scores_view(logits), _label_view(v, acc), view, acc)
     return out
 
 
@@ -315,7 +324,7 @@ def score(logits, labels, ignore_index):
     loss, lse, target, entropy = (_loss_out(rows, logits.dtype) for _ in range(4))
     argmax = np.empty(rows, dtype=np.int64)
     correct = np.empty(rows, dtype=np.bool_)
-    _moments.score_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index), loss, lse, target,
+    _moments.score_kernel(_scores_view(logits), _class_ids(labels), _ignore_value(ignore_index), loss, lse, target,
                           entropy, argmax, correct, _acc(logits.dtype))
     return Score(loss, lse, target, entropy, argmax, correct)
 
@@ -335,7 +344,7 @@ def softmax_partials(logits, labels, offset, ignore_index, class_weight, softcap
     best_value = _loss_out(rows, logits.dtype) if moments else None
     # No labels: class ids of -1, in no block (one compiled kernel for both cases).
     ids = np.full(rows, -1, dtype=np.int64) if labels is None else _class_ids(labels)
-    _partials.partials_kernel(_kernel_view(logits), ids,
+    _partials.partials_kernel(_scores_view(logits), ids,
                               _ignore_value(ignore_index), np.int64(offset),
                               None if class_weight is None else _readonly(class_weight.astype(acc)),
                               None if softcap is None else acc(softcap), peak, total, target, anchor, gap, spread,
@@ -352,7 +361,7 @@ def softmax_block_grad(logits, labels, offset, ignore_index, class_weight, softc
         return _readonly(np.ascontiguousarray(values, dtype=np.float64))
 
     # An unused weight_coef is an empty float64 array: one compiled signature for both cases.
-    _partials.block_grad_kernel(_kernel_view(logits), _class_ids(labels), _ignore_value(ignore_index),
+    _partials.block_grad_kernel(_scores_view(logits), _class_ids(labels), _ignore_value(ignore_index),
                                 np.int64(offset), None if class_weight is None else _readonly(class_weight.astype(acc)),
                                 None if softcap is None else acc(softcap), rows(shift), rows(log_sum), rows(p_coef),
                                 rows(target_coef), rows(np.zeros(0) if weight_coef is None else weight_coef), view,
