@@ -20,7 +20,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from . import _math as nm
-from ._rows import gradient_target, inline, kernel, smoothed, window
+from ._rows import gradient_slice, gradient_target, inline, kernel, smoothed, window
 
 # log1p(e) = e + e^2 Q(e) on [0, 1], Q of degree 8: weighted least squares
 # towards minimax on Chebyshev nodes (fit error 6e-9 relative, 0.1 ulp); in
@@ -136,7 +136,7 @@ def sigmoid_kernel(logits, labels, pos_weight, weight_period, keep, share, scale
                     scaled += element * tiny
         else:
             g = window(scale, scale_period, lo, hi)
-            dx = dest[lo:hi]
+            dx = gradient_slice(x, grad, lo, hi)
             for j in range(hi - lo):
                 value = nm.load(x[j])
                 target = smoothed(z[j], keep, share, acc)
