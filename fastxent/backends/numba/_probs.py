@@ -11,7 +11,7 @@ import numpy as np
 from numba import prange
 
 from . import _math as nm
-from ._rows import gradient_target, inline, kernel, smoothed, window, xlogy_term, zero_row
+from ._rows import gradient_slice, gradient_target, inline, kernel, smoothed, window, xlogy_term, zero_row
 
 
 @inline
@@ -60,7 +60,7 @@ def binary_kernel(probs, labels, lo_clip, hi_clip, keep, share, scale, scale_per
         if loss is not None:
             out = loss[lo:hi]
         if grad is not None:
-            dx = dest[lo:hi]
+            dx = gradient_slice(p, grad, lo, hi)
         g = window(scale, scale_period, lo, hi)
         subtotal = acc(0.0)
         for j in range(hi - lo):
